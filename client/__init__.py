@@ -1,0 +1,1 @@
+"""The user side of Swarm: distributed model classes, routing and inference sessions."""

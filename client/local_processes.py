@@ -1,0 +1,127 @@
+"""Starting swarm-dht and swarm-server processes on this machine, and reaping them.
+
+Used by swarm-local and by the tests; it launches the servers as separate programs and never
+imports their code.
+
+Each process runs in its own session (process group), so that killing it by its pid also takes
+down hivemind's DHT child process and p2pd daemon, which SIGKILL would otherwise orphan.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+READY_TIMEOUT = 120.0  # seconds: a server loads its blocks and joins the DHT
+
+
+class ManagedProcess:
+    """A child process whose output lines are collected by a thread, so that its pipe never blocks."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None):
+        self.args = args
+        self.popen = subprocess.Popen(
+            args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+            env={**os.environ, "SWARM_LOG_LEVEL": "INFO", **(env or {})},
+        )
+        self.lines: list[str] = []
+        self._new_line = threading.Condition()
+        threading.Thread(target=self._collect, daemon=True).start()
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def _collect(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            with self._new_line:
+                self.lines.append(line.rstrip("\n"))
+                self._new_line.notify_all()
+        with self._new_line:
+            self._new_line.notify_all()
+
+    def wait_for_line(self, needle: str, timeout: float = READY_TIMEOUT) -> str:
+        """The first output line containing `needle`; fails if the process exits or time runs out."""
+        deadline = time.monotonic() + timeout
+        with self._new_line:
+            while True:
+                for line in self.lines:
+                    if needle in line:
+                        return line
+                if self.popen.poll() is not None and not any(needle in line for line in self.lines):
+                    raise RuntimeError(f"{self.args[2]} exited ({self.popen.returncode}):\n" + "\n".join(self.lines[-30:]))
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"no line with {needle!r} within {timeout} s:\n" + "\n".join(self.lines[-30:]))
+                self._new_line.wait(min(remaining, 0.5))
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
+        """Signal the process (it shuts down its own children), wait, then SIGKILL its whole group.
+
+        Only the main process gets `sig`: signalling the group would kill hivemind's DHT process
+        under a server that is still announcing itself offline through it.
+        """
+        try:
+            os.kill(self.pid, sig)
+            self.popen.wait(timeout)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            pass
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            return self.popen.wait(5)
+        except subprocess.TimeoutExpired:
+            return None
+
+
+class LocalSwarm:
+    """A DHT and servers on loopback; `stop()` reaps every process it started."""
+
+    def __init__(self, server_env: dict[str, str] | None = None) -> None:
+        self.processes: list[ManagedProcess] = []
+        self.initial_peers: list[str] = []
+        self.server_env = server_env
+
+    def start_dht(self) -> list[str]:
+        dht = ManagedProcess([sys.executable, "-m", "swarm.cli.dht"])
+        self.processes.append(dht)
+        line = dht.wait_for_line("--initial-peers ")
+        self.initial_peers = line.split("--initial-peers ", 1)[1].split()
+        return self.initial_peers
+
+    def start_server(self, model: str | Path, blocks: str, *extra: str, wait: bool = True) -> ManagedProcess:
+        """A server for `blocks` of `model`; with `wait`, returns once it is announced in the DHT."""
+        args = [sys.executable, "-m", "swarm.server.cli", str(model), "--blocks", blocks,
+                "--initial-peers", *self.initial_peers, *extra]
+        server = ManagedProcess(args, env=self.server_env)
+        self.processes.append(server)
+        if wait:
+            server.wait_for_line("serving blocks")
+        return server
+
+    def start_servers(self, model: str | Path, ranges: list[str], *extra: str) -> list[ManagedProcess]:
+        """Start one server per block range at once, then wait until all of them are announced."""
+        servers = [self.start_server(model, blocks, *extra, wait=False) for blocks in ranges]
+        for server in servers:
+            server.wait_for_line("serving blocks")
+        return servers
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            process.stop()
+        self.processes.clear()

@@ -1,0 +1,162 @@
+"""Distributed causal-LM classes: transformers' own model classes with remote decoder layers.
+
+`AutoDistributedModelForCausalLM.from_pretrained(...)` returns an instance of a subclass of the
+family's transformers class (e.g. `DistributedLlamaForCausalLM(LlamaForCausalLM)`), made once
+per class by `distributed_class`: embeddings, final norm and LM head are local and loaded from
+the checkpoint; the decoder layers are one `RemoteSequential`. Everything else, including
+`generate()`, is transformers' own code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import GenerationConfig, PreTrainedModel
+
+from swarm.errors import ConfigError, InvalidRequest
+from swarm.families import ModelFamily, family_of, load_config
+from swarm.limits import ROUTE_WAIT
+from swarm.model_id import model_dht_prefix, validate_dht_prefix
+from swarm.model_source import resolve_model
+from swarm.client.inference_session import InferenceSession
+from swarm.client.remote_sequential import RemoteCache, RemoteSequential
+from swarm.client.swarm_client import SwarmClient
+
+logger = logging.getLogger(__name__)
+
+
+class DistributedCausalLMMixin:
+    """What a distributed model adds to its transformers class: sessions and session-aware generate()."""
+
+    swarm_client: SwarmClient
+    _active_session: InferenceSession | None = None
+
+    @contextlib.contextmanager
+    def inference_session(self, max_length: int, batch_size: int = 1) -> Iterator[InferenceSession]:
+        """Keep one server-side session (and its KV cache) across several generate() calls."""
+        if self._active_session is not None:
+            raise InvalidRequest("an inference session is already active on this model")
+        session = InferenceSession(self.swarm_client, max_length=max_length, batch_size=batch_size).open()
+        self._active_session = session
+        try:
+            yield session
+        finally:
+            self._active_session = None
+            session.close()
+
+    @property
+    def route(self) -> list:
+        """The route of the active inference session (empty without one)."""
+        return list(self._active_session.route) if self._active_session is not None else []
+
+    def generate(self, inputs: torch.Tensor | None = None, *args, session: InferenceSession | None = None, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        """transformers' generate(), with the KV cache kept on the servers.
+
+        Inside `inference_session()`, `inputs` may be None (continue after the previous call) or a
+        sequence that extends what the session has seen; only the new tokens are sent.
+        """
+        if kwargs.get("num_beams", 1) > 1:
+            raise InvalidRequest("beam search is not supported yet: use greedy decoding or sampling")
+        if inputs is None:
+            inputs = kwargs.pop("input_ids", None)
+        session = session or self._active_session
+        if session is not None:
+            return self._generate_in_session(session, inputs, *args, **kwargs)
+        if inputs is None:
+            raise InvalidRequest("generate() needs input ids outside an inference session")
+        batch_size, prompt_length = inputs.shape
+        max_length = kwargs.get("max_length") or prompt_length + (
+            kwargs.get("max_new_tokens") or self.generation_config.max_new_tokens or self.generation_config.max_length
+        )
+        with self.inference_session(max_length=max_length, batch_size=batch_size) as new_session:
+            return self._generate_in_session(new_session, inputs, *args, **kwargs)
+
+    def _generate_in_session(self, session: InferenceSession, inputs: torch.Tensor | None, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        if inputs is None:
+            if session.last_output is None:
+                raise InvalidRequest("generate(None) continues a session, but this session has generated nothing yet")
+            inputs = session.last_output
+        # Reuse the longest prefix the servers already hold; at least one token must be new.
+        reused = _common_prefix_length(session.token_ids, inputs)
+        session.position = min(reused, inputs.shape[1] - 1)
+        output = super().generate(inputs, *args, past_key_values=RemoteCache(session), **kwargs)  # type: ignore[misc]
+        session.token_ids = output[:, : session.position]
+        session.last_output = output
+        return output
+
+
+def _common_prefix_length(seen: torch.Tensor | None, inputs: torch.Tensor) -> int:
+    if seen is None or seen.shape[0] != inputs.shape[0]:
+        return 0
+    length = min(seen.shape[1], inputs.shape[1])
+    differs = (seen[:, :length] != inputs[:, :length]).any(dim=0).nonzero()
+    return int(differs[0]) if len(differs) else length
+
+
+@functools.cache
+def distributed_class(model_class: type[PreTrainedModel]) -> type[PreTrainedModel]:
+    """`Distributed<Name>`: the transformers class with the mixin in front, made once per class."""
+    return type(f"Distributed{model_class.__name__}", (DistributedCausalLMMixin, model_class), {})
+
+
+class AutoDistributedModelForCausalLM:
+    """Like transformers' AutoModelForCausalLM, for a model served by a swarm."""
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | Path,
+        *,
+        initial_peers: list[str],
+        dht_prefix: str | None = None,
+        torch_dtype: torch.dtype = torch.float32,
+        route_wait: float = ROUTE_WAIT,
+    ) -> PreTrainedModel:
+        """Load the local parts of `model` (a checkpoint directory or an alias such as 'smollm2').
+
+        `initial_peers`: multiaddrs of any peers of the swarm. `route_wait`: how long a request
+        waits for missing blocks to appear before it fails with MissingBlocksError.
+        """
+        if not initial_peers:
+            raise ConfigError("initial_peers=[...] is required: the multiaddrs printed by swarm-dht or a server")
+        checkpoint = resolve_model(model)
+        config = load_config(checkpoint)
+        family = family_of(config)
+        prefix = validate_dht_prefix(dht_prefix) if dht_prefix else model_dht_prefix(checkpoint)
+        with torch.device("meta"):
+            distributed = distributed_class(family.causal_lm_class(config))(config)
+        client = SwarmClient(list(initial_peers), prefix, config.num_hidden_layers, route_wait=route_wait)
+        distributed.model.layers = nn.ModuleList([RemoteSequential(client)])
+        _load_local_weights(distributed, checkpoint, family, torch_dtype)
+        # Rotary buffers are not in the checkpoint and must not be built on meta (transformers-spans §6).
+        distributed.model.rotary_emb = family.rotary_class(config)(config=config)
+        if (checkpoint / "generation_config.json").exists():
+            distributed.generation_config = GenerationConfig.from_pretrained(checkpoint)
+        distributed.swarm_client = client
+        distributed.eval()
+        client.start()
+        logger.info("loaded %s (%d remote blocks, DHT prefix %s)", checkpoint.name, config.num_hidden_layers, prefix)
+        return distributed
+
+
+def _load_local_weights(model: PreTrainedModel, checkpoint: Path, family: ModelFamily, dtype: torch.dtype) -> None:
+    """Load every tensor except the decoder layers' (embeddings, final norm, LM head)."""
+    state = {}
+    for path in sorted(checkpoint.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as reader:
+            for key in reader.keys():
+                if not key.startswith(family.layer_key_prefix):
+                    state[key] = reader.get_tensor(key).to(dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+    still_meta = [name for name, tensor in model.state_dict().items() if tensor.is_meta]
+    if still_meta:
+        raise ConfigError(f"the checkpoint in {checkpoint} lacks {', '.join(still_meta[:5])}")

@@ -1,0 +1,86 @@
+"""One inference stream to one server for one hop of the route: open, steps, close."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import torch
+from hivemind.p2p import P2P
+
+from swarm.errors import RemoteError
+from swarm.limits import CONNECT_TIMEOUT, STEP_TIMEOUT
+from swarm.transport import open_stream, raise_for_error, translate_errors
+from swarm.wire import swarm_rpc_pb2 as pb
+from swarm.wire.frames import read_message, to_frames
+from swarm.wire.tensors import deserialize_tensor, serialize_tensor
+from swarm.wire.rpc import RPC_INFERENCE
+
+logger = logging.getLogger(__name__)
+
+
+class SpanSession:
+    """A server-side inference session over blocks [start, end) of one peer."""
+
+    def __init__(self, p2p: P2P, peer_id: str, start: int, end: int, max_length: int, batch_size: int):
+        self.p2p = p2p
+        self.peer_id = peer_id
+        self.start = start
+        self.end = end
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self._outbox: asyncio.Queue[pb.Frame | None] = asyncio.Queue()
+        self._replies: AsyncIterator[pb.Frame] | None = None
+        self._step_id = 0
+
+    async def open(self) -> None:
+        opening = pb.SessionOpen(span=pb.Span(start=self.start, end=self.end), max_length=self.max_length, batch_size=self.batch_size)
+        self._send(pb.InferenceRequest(open=opening))
+        self._replies = await open_stream(self.p2p, self.peer_id, RPC_INFERENCE, self._requests(), CONNECT_TIMEOUT)
+        reply = await self._receive(CONNECT_TIMEOUT)
+        if reply.WhichOneof("response") != "opened":
+            raise RemoteError(self.peer_id, f"expected `opened`, got {reply.WhichOneof('response')}")
+
+    async def step(self, hidden_states: torch.Tensor, position: int) -> torch.Tensor:
+        """Send hidden states (batch, new_tokens, hidden) starting at `position`; get this span's output."""
+        self._step_id += 1
+        step = pb.InferenceStep(hidden_states=serialize_tensor(hidden_states), position=position, step_id=self._step_id)
+        self._send(pb.InferenceRequest(step=step))
+        reply = await self._receive(STEP_TIMEOUT)
+        if reply.WhichOneof("response") != "step" or reply.step.step_id != self._step_id:
+            raise RemoteError(self.peer_id, "the server answered out of order")
+        return deserialize_tensor(reply.step.hidden_states)
+
+    async def close(self) -> None:
+        """End the stream; the server then frees the session's cache."""
+        self._outbox.put_nowait(None)
+        if self._replies is not None:
+            await _drain(self._replies)
+
+    def _send(self, message: pb.InferenceRequest) -> None:
+        for frame in to_frames(message):
+            self._outbox.put_nowait(frame)
+
+    async def _requests(self) -> AsyncIterator[pb.Frame]:
+        while (frame := await self._outbox.get()) is not None:
+            yield frame
+
+    async def _receive(self, timeout: float) -> pb.InferenceResponse:
+        assert self._replies is not None, "open() first"
+        with translate_errors(self.peer_id, "inference step"):
+            reply = await asyncio.wait_for(read_message(self._replies, pb.InferenceResponse), timeout)
+        if reply is None:
+            raise RemoteError(self.peer_id, "the server closed the inference session")
+        if reply.WhichOneof("response") == "error":
+            raise_for_error(self.peer_id, reply.error)
+        return reply
+
+
+async def _drain(replies: AsyncIterator[pb.Frame]) -> None:
+    try:
+        async with asyncio.timeout(1.0):
+            async for _ in replies:
+                pass
+    except Exception:  # the session is over either way; nothing to report
+        pass

@@ -1,0 +1,65 @@
+"""Everything a server is told, in one keyword-only config; swarm-server's CLI is generated from it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from swarm.errors import ConfigError
+from swarm.limits import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SESSION_LENGTH, DEFAULT_MAX_TOKENS_PER_REQUEST
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _field(default, help: str, **meta):  # noqa: ANN001, ANN202 (a dataclass field)
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=dict(help=help, **meta))
+    return dataclasses.field(default=default, metadata=dict(help=help, **meta))
+
+
+@dataclasses.dataclass(kw_only=True)
+class ServerConfig:
+    model: str = _field(
+        "smollm2", "a local transformers checkpoint directory, or 'smollm2' (the embedded default model)", positional=True
+    )
+    blocks: str | None = _field(None, "the blocks to serve as START:END, a half-open range like a Python slice", metavar="A:B")
+    initial_peers: list[str] = _field([], "multiaddrs of peers already in the swarm (printed by swarm-dht or another server)")
+    new_swarm: bool = _field(False, "start a new swarm instead of joining one, and print how others can join it")
+    host_maddrs: list[str] = _field(
+        ["/ip4/127.0.0.1/tcp/0"], "multiaddrs to listen on; use /ip4/0.0.0.0/tcp/PORT to be reachable from other machines"
+    )
+    announce_maddrs: list[str] = _field([], "multiaddrs to tell others, if they differ from --host-maddrs (e.g. behind NAT)")
+    identity_path: str | None = _field(None, "file with this server's private key, for a stable peer id (created if missing)")
+    dht_prefix: str | None = _field(None, "name of the model in the DHT; derived from the model's config and weights if not set")
+    torch_dtype: str = _field("auto", "dtype of the blocks' weights; auto = float32 on CPU, the checkpoint's dtype on GPU", choices=DTYPES)
+    device: str = _field("auto", "torch device for the blocks: cpu, cuda, cuda:1, ...; auto = cuda if available")
+    num_threads: int | None = _field(None, "torch threads for compute (default: torch's choice)")
+    attn_cache_tokens: int = _field(16384, "attention-cache budget, in tokens (batch x length) over all open sessions")
+    max_batch_size: int = _field(DEFAULT_MAX_BATCH_SIZE, "largest batch accepted in one request")
+    max_tokens_per_request: int = _field(DEFAULT_MAX_TOKENS_PER_REQUEST, "most tokens (batch x new tokens) in one request")
+    max_session_length: int = _field(DEFAULT_MAX_SESSION_LENGTH, "longest sequence an inference session may reach")
+    public_name: str = _field("", "a name to show as this server's contributor (e.g. on the health page)")
+
+    def __post_init__(self) -> None:
+        if self.new_swarm and self.initial_peers:
+            raise ConfigError("--new-swarm starts a new swarm: do not pass --initial-peers with it")
+        if not self.new_swarm and not self.initial_peers:
+            raise ConfigError("pass --initial-peers MADDR... to join a swarm, or --new-swarm to start one")
+        for name in ("attn_cache_tokens", "max_batch_size", "max_tokens_per_request", "max_session_length"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+        if self.num_threads is not None and self.num_threads <= 0:
+            raise ConfigError("--num-threads must be positive")
+        if len(self.public_name) > 64:
+            raise ConfigError("--public-name must be at most 64 characters")
+
+
+def parse_block_range(text: str, num_blocks: int) -> tuple[int, int]:
+    """'A:B' as a half-open range within a model of `num_blocks` blocks."""
+    parts = text.split(":")
+    try:
+        start, end = (int(part) for part in parts)
+    except ValueError:
+        raise ConfigError(f"--blocks must look like START:END (e.g. 0:{num_blocks}), got {text!r}") from None
+    if not 0 <= start < end <= num_blocks:
+        raise ConfigError(f"--blocks {text} is outside the model's {num_blocks} blocks (valid: 0 <= START < END <= {num_blocks})")
+    return start, end

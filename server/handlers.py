@@ -1,0 +1,181 @@
+"""The server's RPC handlers: info (unary), forward and inference sessions (streams of frames).
+
+Every input is checked before use; a bad request gets an `Error` reply for that caller only and
+the server keeps serving everyone else. Nothing from the wire is unpickled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import logging
+from collections.abc import AsyncIterator
+
+import torch
+from transformers import DynamicCache
+
+from swarm.errors import CacheFull, InvalidRequest
+from swarm.limits import CACHE_WAIT_TIMEOUT, SESSION_IDLE_TIMEOUT
+from swarm.wire import swarm_rpc_pb2 as pb
+from swarm.wire.rpc import RPC_FORWARD, RPC_INFERENCE, RPC_INFO
+from swarm.wire.frames import read_message, to_frames
+from swarm.wire.tensors import deserialize_tensor, serialize_tensor
+from swarm.server.cache_budget import CacheBudget
+from swarm.server.compute_worker import PRIORITY_FORWARD, PRIORITY_INFERENCE, ComputeWorker
+from swarm.server.span_runner import SpanRunner
+
+logger = logging.getLogger(__name__)
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RequestLimits:
+    max_batch_size: int
+    max_tokens_per_request: int  # batch * new tokens
+    max_session_length: int  # tokens per sequence
+
+
+class SpanHandlers:
+    """Serves one span of one model; `info` describes it to callers."""
+
+    def __init__(
+        self,
+        *,
+        runner: SpanRunner,
+        worker: ComputeWorker,
+        budget: CacheBudget,
+        limits: RequestLimits,
+        info: pb.InfoResponse,
+        idle_timeout: float = SESSION_IDLE_TIMEOUT,
+    ):
+        self.runner = runner
+        self.worker = worker
+        self.budget = budget
+        self.limits = limits
+        self.info = info
+        self.idle_timeout = idle_timeout
+        self.hidden_size = runner.config.hidden_size
+        self.open_sessions = 0
+
+    async def register(self, p2p) -> None:  # noqa: ANN001 (hivemind.P2P, kept behind swarm.dht's door elsewhere)
+        await p2p.add_protobuf_handler(RPC_INFO, self.rpc_info, pb.InfoRequest)
+        await p2p.add_protobuf_handler(RPC_FORWARD, self.rpc_forward, pb.Frame, stream_input=True, stream_output=True)
+        await p2p.add_protobuf_handler(RPC_INFERENCE, self.rpc_inference, pb.Frame, stream_input=True, stream_output=True)
+
+    async def rpc_info(self, request: pb.InfoRequest, context: object) -> pb.InfoResponse:
+        info = pb.InfoResponse()
+        info.CopyFrom(self.info)
+        info.cache_tokens_left = self.budget.tokens_left
+        return info
+
+    async def rpc_forward(self, frames: AsyncIterator[pb.Frame], context: object) -> AsyncIterator[pb.Frame]:
+        try:
+            request = await read_message(frames, pb.ForwardRequest)
+            if request is None:
+                raise InvalidRequest("empty forward request")
+            start, end = self._check_span(request.span)
+            hidden = self._check_hidden(request.hidden_states)
+            output = await self.worker.submit(PRIORITY_FORWARD, functools.partial(self.runner, hidden, start, end))
+            response = pb.ForwardResponse(hidden_states=serialize_tensor(output))
+        except Exception as e:
+            response = pb.ForwardResponse(error=_error_reply(e, "forward"))
+        for frame in to_frames(response):
+            yield frame
+
+    async def rpc_inference(self, frames: AsyncIterator[pb.Frame], context: object) -> AsyncIterator[pb.Frame]:
+        """One inference session: an open, then steps until the client closes the stream."""
+        try:
+            request = await asyncio.wait_for(read_message(frames, pb.InferenceRequest), self.idle_timeout)
+            if request is None or request.WhichOneof("request") != "open":
+                raise InvalidRequest("an inference session must start with an `open` message")
+            opening = request.open
+            start, end = self._check_span(opening.span)
+            if not 0 < opening.batch_size <= self.limits.max_batch_size:
+                raise InvalidRequest(f"batch size {opening.batch_size} is outside 1..{self.limits.max_batch_size}")
+            if not 0 < opening.max_length <= self.limits.max_session_length:
+                raise InvalidRequest(f"max_length {opening.max_length} is outside 1..{self.limits.max_session_length}")
+            async with self.budget.reserve(opening.batch_size * opening.max_length, CACHE_WAIT_TIMEOUT):
+                self.open_sessions += 1
+                try:
+                    yield single_frame(pb.InferenceResponse(opened=pb.SessionOpened(max_length=opening.max_length)))
+                    async for frame in self._run_session(frames, opening, start, end):
+                        yield frame
+                finally:
+                    self.open_sessions -= 1
+        except Exception as e:
+            for frame in to_frames(pb.InferenceResponse(error=_error_reply(e, "inference"))):
+                yield frame
+
+    async def _run_session(
+        self, frames: AsyncIterator[pb.Frame], opening: pb.SessionOpen, start: int, end: int
+    ) -> AsyncIterator[pb.Frame]:
+        cache = DynamicCache()  # keys/values per block: (batch, kv_heads, position, head_dim)
+        position = 0
+        while True:
+            try:
+                request = await asyncio.wait_for(read_message(frames, pb.InferenceRequest), self.idle_timeout)
+            except TimeoutError:
+                logger.info("closing an inference session idle for %.0f s", self.idle_timeout)
+                return
+            if request is None:
+                return  # the client closed the session
+            if request.WhichOneof("request") != "step":
+                raise InvalidRequest("expected an inference step")
+            step = request.step
+            hidden = self._check_hidden(step.hidden_states)
+            if hidden.shape[0] != opening.batch_size:
+                raise InvalidRequest(f"step has batch {hidden.shape[0]}, the session was opened with {opening.batch_size}")
+            if step.position > position:
+                raise InvalidRequest(f"step starts at position {step.position}, past the session's position {position}")
+            if step.position + hidden.shape[1] > opening.max_length:
+                raise InvalidRequest(
+                    f"step to position {step.position + hidden.shape[1]} is past the session's max_length {opening.max_length}"
+                )
+            if step.position < position:
+                cache.crop(step.position - position)  # crop takes a negative count: drop the last tokens
+            position = step.position
+            compute = functools.partial(self.runner, hidden, start, end, position=position, cache=cache)
+            output = await self.worker.submit(PRIORITY_INFERENCE, compute)
+            position += hidden.shape[1]
+            result = pb.StepResult(hidden_states=serialize_tensor(output), position=position, step_id=step.step_id)
+            for frame in to_frames(pb.InferenceResponse(step=result)):
+                yield frame
+
+    def _check_span(self, span: pb.Span) -> tuple[int, int]:
+        if not (self.runner.start <= span.start < span.end <= self.runner.end):
+            raise InvalidRequest(
+                f"blocks {span.start}:{span.end} are not served here (this server holds {self.runner.start}:{self.runner.end})"
+            )
+        return span.start, span.end
+
+    def _check_hidden(self, message: pb.Tensor) -> torch.Tensor:
+        """Hidden states (batch, seq, hidden) within this server's limits, finite."""
+        hidden = deserialize_tensor(message, max_elements=self.limits.max_tokens_per_request * self.hidden_size)
+        if hidden.ndim != 3 or hidden.shape[2] != self.hidden_size:
+            raise InvalidRequest(f"hidden states must have shape (batch, seq, {self.hidden_size}), got {tuple(hidden.shape)}")
+        batch, seq_len, _ = hidden.shape
+        if batch == 0 or seq_len == 0:
+            raise InvalidRequest(f"hidden states of shape {tuple(hidden.shape)} are empty")
+        if batch > self.limits.max_batch_size:
+            raise InvalidRequest(f"batch {batch} exceeds the limit {self.limits.max_batch_size}")
+        if batch * seq_len > self.limits.max_tokens_per_request:
+            raise InvalidRequest(f"{batch * seq_len} tokens in one request exceed the limit {self.limits.max_tokens_per_request}")
+        if not torch.isfinite(hidden).all():
+            raise InvalidRequest("hidden states contain NaN or Inf")
+        return hidden
+
+
+def single_frame(message: pb.InferenceResponse) -> pb.Frame:
+    """A small reply that fits one frame."""
+    (frame,) = to_frames(message)
+    return frame
+
+
+def _error_reply(error: Exception, rpc: str) -> pb.Error:
+    if isinstance(error, InvalidRequest):
+        logger.info("rejected a %s request: %s", rpc, error)
+        return pb.Error(kind=pb.Error.INVALID_REQUEST, message=str(error))
+    if isinstance(error, CacheFull):
+        logger.info("refused an inference session: %s", error)
+        return pb.Error(kind=pb.Error.CACHE_FULL, message=str(error))
+    logger.exception("%s failed", rpc)
+    return pb.Error(kind=pb.Error.INTERNAL, message=f"{type(error).__name__}: {error}")

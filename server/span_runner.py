@@ -1,0 +1,72 @@
+"""Running a contiguous range of decoder layers on hidden states, with or without a KV cache.
+
+Follows the recipe verified in notes/transformers-spans.md: layers keep their absolute indices,
+rotary embeddings come from the config, positions come from the session's own counter (never
+from `cache.get_seq_length()`), and each attention kind's mask is built with `layer_idx` set to
+the first layer of that kind in the span, so a span cache that starts at block k>0 is masked right.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import DynamicCache, PretrainedConfig
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from swarm.families import SLIDING_ATTENTION, ModelFamily
+
+_MASK_BUILDERS = {SLIDING_ATTENTION: create_sliding_window_causal_mask}
+
+
+class SpanRunner(nn.Module):
+    """The layers of blocks [start, end) of one model, as one server holds them."""
+
+    def __init__(self, config: PretrainedConfig, family: ModelFamily, start: int, layers: nn.ModuleList):
+        super().__init__()
+        self.config = config
+        self.start = start
+        self.end = start + len(layers)
+        self.layers = layers
+        self.rotary = family.rotary_class(config)(config=config)
+        self.attention_kinds = family.attention_kinds(config)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        start: int,
+        end: int,
+        position: int = 0,
+        cache: DynamicCache | None = None,
+    ) -> torch.Tensor:
+        """Run blocks [start, end) on hidden_states (batch, new_tokens, hidden) at `position`.
+
+        With a cache, the tokens are appended to it at `position` (the caller rolls it back first
+        if needed); without one, `position` must be 0 and the sequence is processed whole.
+        """
+        dtype = self.layers[0].input_layernorm.weight.dtype
+        hidden_states = hidden_states.to(dtype)
+        seq_len = hidden_states.shape[1]
+        position_ids = torch.arange(position, position + seq_len, device=hidden_states.device)[None]
+        position_embeddings = self.rotary(hidden_states, position_ids)
+        masks = {}
+        for index in range(start, end):
+            kind = self.attention_kinds[index]
+            if kind not in masks:
+                build = _MASK_BUILDERS.get(kind, create_causal_mask)
+                masks[kind] = build(
+                    config=self.config,
+                    inputs_embeds=hidden_states,
+                    attention_mask=None,
+                    past_key_values=cache,
+                    position_ids=position_ids,
+                    layer_idx=index,
+                )
+        for index in range(start, end):
+            hidden_states = self.layers[index - self.start](
+                hidden_states,
+                attention_mask=masks[self.attention_kinds[index]],
+                position_embeddings=position_embeddings,
+                past_key_values=cache,
+            )
+        return hidden_states

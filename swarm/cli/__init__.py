@@ -1,0 +1,1 @@
+"""Command-line entry points that belong to neither side (swarm-dht) and CLI helpers."""

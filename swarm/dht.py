@@ -1,0 +1,140 @@
+"""hivemind behind a door: starting a DHT peer, and storing and reading Swarm's records.
+
+The rest of Swarm gets DHT handles, peer ids as base58 strings and our own errors from here.
+Functions passed to `DHT.run_coroutine` are module-level because hivemind pickles them by
+reference (notes/hivemind.md §1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import hivemind
+import hivemind.dht.dht as hivemind_dht_module
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.utils import get_dht_time
+from hivemind.utils.multiaddr import Multiaddr
+
+from swarm.errors import ConfigError, SwarmError
+from swarm.records import MODEL_INDEX_KEY, ModelRecord, ServerRecord, block_key, parse_block_entries
+
+logger = logging.getLogger(__name__)
+
+DHT_CALL_TIMEOUT = 30.0  # seconds; a dead DHT process would otherwise block callers forever (trap 5)
+_OWNER_MARKER = b"[owner:"
+
+
+def _stdlib_event_loop() -> asyncio.AbstractEventLoop:
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    return loop
+
+
+# hivemind/dht/dht.py:92 runs the DHT process on uvloop, whose non-blocking pipe kills that process
+# on call arguments of 16 KiB or more (notes/hivemind.md, trap 1). A stdlib loop avoids it.
+hivemind_dht_module.switch_to_uvloop = _stdlib_event_loop
+
+
+def start_dht(
+    initial_peers: Sequence[str] = (),
+    *,
+    host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
+    announce_maddrs: Sequence[str] = (),
+    identity_path: str | None = None,
+    client_mode: bool = False,
+) -> hivemind.DHT:
+    """Start a DHT peer that signs its records; raise ConfigError if no initial peer answers."""
+    for maddr in initial_peers:
+        _check_maddr(maddr, "--initial-peers")
+    for maddr in host_maddrs:
+        _check_maddr(maddr, "--host-maddrs")
+    kwargs: dict[str, Any] = dict(host_maddrs=list(host_maddrs), client_mode=client_mode)
+    if announce_maddrs:
+        kwargs["announce_maddrs"] = list(announce_maddrs)
+    if identity_path:
+        kwargs["identity_path"] = identity_path
+    try:
+        return hivemind.DHT(
+            initial_peers=list(initial_peers),
+            start=True,
+            record_validators=[RSASignatureValidator()],
+            **kwargs,
+        )
+    except Exception as e:
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "bootstrap failed" in message or "initial_peers" in message:
+            raise ConfigError(f"none of the initial peers answered: {', '.join(initial_peers)}") from None
+        raise SwarmError(f"could not start the DHT peer: {message}") from None
+
+
+def _check_maddr(maddr: str, flag: str) -> None:
+    try:
+        Multiaddr(maddr)
+    except Exception:
+        raise ConfigError(f"{flag}: {maddr!r} is not a multiaddress (e.g. /ip4/127.0.0.1/tcp/31337/p2p/Qm...)") from None
+
+
+def visible_maddrs(dht: hivemind.DHT) -> list[str]:
+    return [str(maddr) for maddr in dht.get_visible_maddrs()]
+
+
+def peer_id_of(dht: hivemind.DHT) -> str:
+    return dht.peer_id.to_base58()
+
+
+def _own_subkey(dht: hivemind.DHT) -> bytes:
+    validator = next(v for v in dht._record_validator._validators if isinstance(v, RSASignatureValidator))
+    return dht.peer_id.to_base58().encode() + validator.local_public_key
+
+
+def _peer_of_subkey(subkey: Any) -> str | None:
+    if not isinstance(subkey, bytes) or _OWNER_MARKER not in subkey:
+        return None
+    return subkey.split(_OWNER_MARKER, 1)[0].decode(errors="replace")
+
+
+def declare_span(
+    dht: hivemind.DHT, dht_prefix: str, record: ServerRecord, model: ModelRecord, expiration: float
+) -> None:
+    """Store `record` under every block key of its span, and the model in the index, in one DHT call."""
+    subkey = _own_subkey(dht)
+    keys = [block_key(dht_prefix, index) for index in range(record.start, record.end)]
+    values: list[Any] = [record.to_wire()] * len(keys)
+    keys.append(MODEL_INDEX_KEY)
+    values.append(model.to_wire())
+    subkeys = [subkey] * (len(keys) - 1) + [dht_prefix.encode() + subkey[len(dht.peer_id.to_base58()) :]]
+    call = functools.partial(_store_many, keys=keys, values=values, subkeys=subkeys, expiration=get_dht_time() + expiration)
+    dht.run_coroutine(call, return_future=True).result(DHT_CALL_TIMEOUT)
+
+
+async def _store_many(dht: hivemind.DHT, node: Any, *, keys: list, values: list, subkeys: list, expiration: float) -> None:
+    await node.store_many(keys, values, expiration, subkeys=subkeys)
+
+
+def fetch_block_records(dht: hivemind.DHT, dht_prefix: str, num_blocks: int) -> list[dict[str, ServerRecord]]:
+    """For each block, the valid records of the servers that announce it, by peer id (base58)."""
+    keys = [block_key(dht_prefix, index) for index in range(num_blocks)]
+    raw = dht.run_coroutine(functools.partial(_get_many, keys=keys), return_future=True).result(DHT_CALL_TIMEOUT)
+    blocks = []
+    for index, key in enumerate(keys):
+        entries = {}
+        for subkey, value in raw.get(key, {}).items():
+            peer = _peer_of_subkey(subkey)
+            if peer is not None:
+                entries[peer] = value
+        blocks.append(parse_block_entries(index, entries))
+    return blocks
+
+
+async def _get_many(dht: hivemind.DHT, node: Any, *, keys: list) -> dict[str, dict[Any, Any]]:
+    found = await node.get_many(keys, sufficient_expiration_time=float("inf"))  # latest values, as DHT.get(latest=True)
+    result: dict[str, dict[Any, Any]] = {}
+    for key, item in found.items():
+        if item is None or not isinstance(item.value, dict):
+            continue
+        result[key] = {subkey: entry.value for subkey, entry in item.value.items()}
+    return result

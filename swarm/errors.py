@@ -1,0 +1,57 @@
+"""The one error tree of Swarm.
+
+    SwarmError
+    ├── ConfigError (ValueError)          bad CLI flag, model path, alias, block range
+    ├── InvalidRequest (ValueError)       a request that breaks the wire contract (shape, dtype, limits)
+    ├── RoutingError                      no chain of servers can serve the request
+    │   └── MissingBlocksError            some blocks are served by nobody
+    ├── RemoteError                       a server answered with an error
+    │   └── PeerTimeout (TimeoutError)    a server did not answer in time
+    └── CacheFull                         the server's attention cache has no room for a session
+
+Servers raise `InvalidRequest` and `CacheFull` inside handlers; the handler edge turns them into an
+error reply for that caller only. Clients see a server's error as `RemoteError` carrying its message.
+"""
+
+from __future__ import annotations
+
+
+class SwarmError(Exception):
+    """Base of every error that Swarm raises on purpose."""
+
+
+class ConfigError(SwarmError, ValueError):
+    """A user-supplied setting (flag, path, alias, block range) is wrong."""
+
+
+class InvalidRequest(SwarmError, ValueError):
+    """A request breaks the wire contract: wrong span, shape, dtype, size or position."""
+
+
+class RoutingError(SwarmError):
+    """No chain of servers can serve this request."""
+
+
+class MissingBlocksError(RoutingError):
+    """Some blocks of the model are served by no online server."""
+
+    def __init__(self, missing: list[tuple[int, int]], model: str):
+        self.missing = missing
+        ranges = ", ".join(f"{start}:{end}" for start, end in missing)
+        super().__init__(f"no online server holds blocks {ranges} of {model}")
+
+
+class RemoteError(SwarmError):
+    """A server answered a request with an error, or the connection to it failed."""
+
+    def __init__(self, peer: str, message: str):
+        self.peer = peer
+        super().__init__(f"server {peer[-8:]}: {message}")
+
+
+class PeerTimeout(RemoteError, TimeoutError):
+    """A server did not answer in time."""
+
+
+class CacheFull(SwarmError):
+    """The server's attention cache cannot hold this session."""

@@ -1,0 +1,62 @@
+"""Calling a peer's RPCs over hivemind P2P, with hivemind's and asyncio's errors turned into ours.
+
+Every call is bounded by a timeout: several hivemind failure modes hang instead of raising
+(notes/hivemind.md, trap 14).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import TypeVar
+
+from google.protobuf.message import Message
+from hivemind.p2p import P2P, PeerID
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerError
+
+from swarm.errors import CacheFull, InvalidRequest, PeerTimeout, RemoteError
+from swarm.wire import swarm_rpc_pb2 as pb
+
+MessageT = TypeVar("MessageT", bound=Message)
+
+_TRANSPORT_ERRORS = (P2PDaemonError, P2PHandlerError, ConnectionError, EOFError, OSError)
+
+
+def peer_from_base58(peer_id: str) -> PeerID:
+    return PeerID.from_base58(peer_id)
+
+
+@contextlib.contextmanager
+def translate_errors(peer_id: str, what: str):  # noqa: ANN201 (a context manager)
+    """Turn transport failures inside the block into RemoteError / PeerTimeout naming the peer."""
+    try:
+        yield
+    except TimeoutError:
+        raise PeerTimeout(peer_id, f"{what} timed out") from None
+    except _TRANSPORT_ERRORS as e:
+        raise RemoteError(peer_id, f"{what} failed: {type(e).__name__}: {e}") from None
+
+
+async def call_unary(
+    p2p: P2P, peer_id: str, name: str, request: Message, response_type: type[MessageT], timeout: float
+) -> MessageT:
+    with translate_errors(peer_id, name):
+        return await asyncio.wait_for(
+            p2p.call_protobuf_handler(peer_from_base58(peer_id), name, request, response_type), timeout
+        )
+
+
+async def open_stream(p2p: P2P, peer_id: str, name: str, requests: AsyncIterator[pb.Frame], timeout: float) -> AsyncIterator[pb.Frame]:
+    """Open a stream of frames to `name` on the peer; iterate the result inside `translate_errors`."""
+    with translate_errors(peer_id, name):
+        return await asyncio.wait_for(p2p.iterate_protobuf_handler(peer_from_base58(peer_id), name, requests, pb.Frame), timeout)
+
+
+def raise_for_error(peer_id: str, error: pb.Error) -> None:
+    """Raise the client-side error that a server's `Error` reply stands for."""
+    if error.kind == pb.Error.INVALID_REQUEST:
+        raise InvalidRequest(f"server {peer_id[-8:]} rejected the request: {error.message}")
+    if error.kind == pb.Error.CACHE_FULL:
+        raise CacheFull(f"server {peer_id[-8:]}: {error.message}")
+    raise RemoteError(peer_id, error.message)

@@ -1,0 +1,1 @@
+"""The wire: generated protobuf messages, tensor (de)serialization and framing of large messages."""

@@ -1,0 +1,10 @@
+"""Names of the server's RPCs over hivemind P2P, and their message types.
+
+    swarm.info        unary   InfoRequest -> InfoResponse
+    swarm.forward     stream  frames of ForwardRequest -> frames of ForwardResponse
+    swarm.inference   stream  frames of InferenceRequest (open, step...) -> frames of InferenceResponse
+"""
+
+RPC_INFO = "swarm.info"
+RPC_FORWARD = "swarm.forward"
+RPC_INFERENCE = "swarm.inference"

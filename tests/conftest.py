@@ -1,0 +1,53 @@
+"""Fixtures: tiny random models of each supported family, saved as real checkpoints, and local swarms."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
+
+from swarm.client.local_processes import LocalSwarm
+
+TINY_CONFIGS = {
+    "llama": lambda: LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=211, max_position_embeddings=512, tie_word_embeddings=False,
+    ),
+    "qwen3": lambda: Qwen3Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=211, max_position_embeddings=512, tie_word_embeddings=True,
+    ),
+}
+FAMILIES = sorted(TINY_CONFIGS)
+
+
+def save_tiny_model(family: str, directory: Path, seed: int = 0) -> Path:
+    """A randomly initialised model of `family`, saved with save_pretrained so real loading runs on it."""
+    torch.manual_seed(seed)
+    config = TINY_CONFIGS[family]()
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # random norm weights, so that a mix-up of norms cannot pass unnoticed
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {family: save_tiny_model(family, root / family) for family in FAMILIES}
+
+
+@pytest.fixture
+def local_swarm() -> Iterator[LocalSwarm]:
+    swarm = LocalSwarm()
+    try:
+        yield swarm
+    finally:
+        swarm.stop()

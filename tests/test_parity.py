@@ -1,0 +1,60 @@
+"""Parity: a model split over real server processes equals local transformers, for each family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from swarm import AutoDistributedModelForCausalLM
+from swarm.client.local_processes import LocalSwarm
+from tests.conftest import FAMILIES
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_swarm(request, tiny_models):
+    """A tiny model of one family split over three servers; yields (local model, distributed model)."""
+    path = tiny_models[request.param]
+    swarm = LocalSwarm()
+    try:
+        swarm.start_dht()
+        swarm.start_servers(path, ["0:2", "2:4", "4:6"], "--num-threads", "1")
+        local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        remote = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers)
+        yield local, remote
+        remote.swarm_client.shutdown()
+    finally:
+        swarm.stop()
+
+
+def test_logits_and_generation_match_local(family_swarm):
+    local, remote = family_swarm
+    torch.manual_seed(1)
+    input_ids = torch.randint(3, 211, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(remote(input_ids).logits, local(input_ids).logits, atol=1e-4, rtol=0)
+
+    expected = local.generate(input_ids, max_new_tokens=32, do_sample=False, eos_token_id=None)
+    produced = remote.generate(input_ids, max_new_tokens=32, do_sample=False, eos_token_id=None)
+    assert torch.equal(produced, expected)
+
+    torch.manual_seed(7)
+    expected = local.generate(input_ids, max_new_tokens=16, do_sample=True, top_k=20, eos_token_id=None)
+    torch.manual_seed(7)
+    produced = remote.generate(input_ids, max_new_tokens=16, do_sample=True, top_k=20, eos_token_id=None)
+    assert torch.equal(produced, expected)
+
+
+def test_session_reused_across_generate_calls(family_swarm):
+    local, remote = family_swarm
+    input_ids = torch.randint(3, 211, (1, 6), generator=torch.Generator().manual_seed(3))
+    expected = local.generate(input_ids, max_new_tokens=20, do_sample=False, eos_token_id=None)
+    with remote.inference_session(max_length=64) as session:
+        first = remote.generate(input_ids, max_new_tokens=8, do_sample=False, eos_token_id=None)
+        second = remote.generate(None, max_new_tokens=12, do_sample=False, eos_token_id=None)
+        assert session.position == expected.shape[1] - 1
+        assert len(remote.route) == 3
+    assert torch.equal(first, expected[:, : first.shape[1]])
+    assert torch.equal(second, expected)
