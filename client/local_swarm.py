@@ -9,20 +9,26 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
 import time
 
-import torch
-from transformers import AutoTokenizer
+from swarm.client.local_processes import SHARED_CORES_ENV, LocalSwarm
 
-from swarm.cli.logs import configure_logging
-from swarm.errors import SwarmError
-from swarm.families import load_config
-from swarm.model_source import DEFAULT_MODEL, resolve_model
-from swarm.client.local_processes import LocalSwarm
-from swarm.client.model import AutoDistributedModelForCausalLM
+# This client shares the machine's cores with its servers: set before torch loads OpenMP.
+for _name, _value in SHARED_CORES_ENV.items():
+    os.environ.setdefault(_name, _value)
+
+import torch  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from swarm.cli.logs import configure_logging  # noqa: E402
+from swarm.client.model import AutoDistributedModelForCausalLM  # noqa: E402
+from swarm.errors import SwarmError  # noqa: E402
+from swarm.families import load_config  # noqa: E402
+from swarm.model_source import DEFAULT_MODEL, resolve_model  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

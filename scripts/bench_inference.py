@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+"""Inference speed of a local swarm against plain local transformers, same machine, same run.
+
+For the same prompt and model (fp32 by default), measures time to first token, per-token
+latency and tokens/s for N new greedy tokens, through plain transformers in this process and
+through a local swarm (a DHT and servers splitting the blocks). Prints a table and writes JSON.
+
+    python scripts/bench_inference.py                 # default model, 2 servers, 64 tokens
+    python scripts/bench_inference.py --servers 3 --repeats 5 --output bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import time
+from pathlib import Path
+
+# Before torch loads OpenMP: this process shares the cores with the servers (see
+# swarm.client.local_processes.SHARED_CORES_ENV). It applies to the local baseline too.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria  # noqa: E402
+
+from swarm import AutoDistributedModelForCausalLM  # noqa: E402
+from swarm.cli.logs import configure_logging  # noqa: E402
+from swarm.client.local_processes import LocalSwarm  # noqa: E402
+from swarm.client.local_swarm import split_blocks  # noqa: E402
+from swarm.families import load_config  # noqa: E402
+from swarm.model_source import DEFAULT_MODEL, resolve_model  # noqa: E402
+
+logger = logging.getLogger("swarm.bench")
+
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+class TokenClock(StoppingCriteria):
+    """Records when each new token is ready (generate calls this once per step); never stops."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> torch.BoolTensor:
+        self.stamps.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+def measure(model, input_ids: torch.Tensor, new_tokens: int, session_factory=None) -> dict:  # noqa: ANN001
+    """One timed generation: time to first token (ms), mean per-token latency after it (ms), tokens/s."""
+    clock = TokenClock()
+    began = time.perf_counter()
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, stopping_criteria=[clock])
+    with torch.inference_mode():
+        if session_factory is None:
+            output = model.generate(input_ids, **kwargs)
+        else:
+            with session_factory():
+                output = model.generate(input_ids, **kwargs)
+    ended = time.perf_counter()
+    gaps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
+    return {
+        "ttft_ms": (clock.stamps[0] - began) * 1e3,
+        "per_token_ms": statistics.mean(gaps) * 1e3,
+        "tokens_per_s": new_tokens / (ended - began),
+        "tokens": output[0, input_ids.shape[1]:].tolist(),
+    }
+
+
+def summarize(runs: list[dict]) -> dict:
+    keys = ("ttft_ms", "per_token_ms", "tokens_per_s")
+    return {key: statistics.median(run[key] for run in runs) for key in keys} | {"runs": [{k: r[k] for k in keys} for r in runs]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or alias (default: %(default)s)")
+    parser.add_argument("--servers", type=int, default=2, help="servers splitting the blocks (default: %(default)s)")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens to generate (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per setup; medians are reported (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads, locally and per server (default: %(default)s)")
+    parser.add_argument("--output", type=Path, default=Path("bench-results/inference.json"), help="JSON file (default: %(default)s)")
+    args = parser.parse_args()
+    configure_logging()
+    torch.set_num_threads(args.threads)
+
+    checkpoint = resolve_model(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    messages = [{"role": "user", "content": PROMPT}]
+    input_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+
+    local = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    measure(local, input_ids, 4)  # warm-up
+    local_runs = [measure(local, input_ids, args.new_tokens) for _ in range(args.repeats)]
+    del local
+
+    swarm = LocalSwarm()
+    try:
+        swarm.start_dht()
+        ranges = split_blocks(load_config(checkpoint).num_hidden_layers, args.servers)
+        swarm.start_servers(checkpoint, ranges, "--num-threads", str(args.threads))
+        remote = AutoDistributedModelForCausalLM.from_pretrained(checkpoint, initial_peers=swarm.initial_peers)
+        max_length = input_ids.shape[1] + args.new_tokens
+        measure(remote, input_ids, 4)  # warm-up
+        swarm_runs = [
+            measure(remote, input_ids, args.new_tokens, lambda: remote.inference_session(max_length=max_length))
+            for _ in range(args.repeats)
+        ]
+        remote.swarm_client.shutdown()
+    finally:
+        swarm.stop()
+
+    local_summary, swarm_summary = summarize(local_runs), summarize(swarm_runs)
+    same_tokens = all(run["tokens"] == local_runs[0]["tokens"] for run in swarm_runs)
+    ratio = swarm_summary["per_token_ms"] / local_summary["per_token_ms"]
+    result = {
+        "model": str(checkpoint.name), "dtype": "float32", "omp_wait_policy": os.environ["OMP_WAIT_POLICY"], "servers": ranges, "threads": args.threads,
+        "prompt_tokens": input_ids.shape[1], "new_tokens": args.new_tokens, "repeats": args.repeats,
+        "local": local_summary, "swarm": swarm_summary, "swarm_over_local_per_token": ratio,
+        "swarm_over_local_tokens_per_s": local_summary["tokens_per_s"] / swarm_summary["tokens_per_s"],
+        "same_greedy_tokens": same_tokens,
+    }
+    print(f"\nmodel {checkpoint.name}, fp32, prompt {input_ids.shape[1]} tokens, {args.new_tokens} new tokens, "
+          f"{args.threads} torch threads, servers {', '.join(ranges)}, median of {args.repeats}")
+    print(f"{'setup':<10}{'TTFT ms':>10}{'per-token ms':>15}{'tokens/s':>10}")
+    for name, summary in (("local", local_summary), ("swarm", swarm_summary)):
+        print(f"{name:<10}{summary['ttft_ms']:>10.1f}{summary['per_token_ms']:>15.2f}{summary['tokens_per_s']:>10.2f}")
+    print(f"swarm/local per-token latency: {ratio:.3f}   same greedy tokens: {same_tokens}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
