@@ -1,22 +1,54 @@
-"""An inference session across the whole route: one server-side session (stream) per hop.
+"""An inference session across the whole route, surviving servers that fail mid-generation.
 
-The session's position is the number of tokens per sequence whose keys and values the servers
-hold. A step may start below it (the servers roll their caches back), never above it.
+One server-side session (stream) per hop. The session's position is the number of tokens per
+sequence whose keys and values the servers hold; a step may start below it (the servers roll
+their caches back), never above it. Each hop keeps the hidden states it was sent, so when its
+server fails the client bans that server, opens a new chain for the same blocks, replays the
+history there, and carries on at the same position: the tokens are the same as without failure.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import torch
 
-from swarm.errors import InvalidRequest
+from swarm.errors import InvalidRequest, RoutingError
 from swarm.client.event_loop import run_sync
+from swarm.client.retry import BLAMABLE, ServerFailure, with_rerouting
 from swarm.client.routing import RouteHop
 from swarm.client.span_session import SpanSession
 from swarm.client.swarm_client import SwarmClient
 
 logger = logging.getLogger(__name__)
+
+
+class _Hop:
+    """A span session and the inputs it has been sent, (batch, position, hidden), for replay."""
+
+    def __init__(self, span: SpanSession):
+        self.span = span
+        self.chunks: list[tuple[int, torch.Tensor]] = []  # (position of first token, hidden states)
+
+    @property
+    def peer_id(self) -> str:
+        return self.span.peer_id
+
+    def record(self, position: int, hidden_states: torch.Tensor) -> None:
+        """Remember inputs sent at `position`, forgetting anything at or after it (a rollback)."""
+        kept = []
+        for start, chunk in self.chunks:
+            if start >= position:
+                break
+            kept.append((start, chunk[:, : position - start]))
+        kept.append((position, hidden_states))
+        self.chunks = kept
+
+    def history(self, position: int) -> torch.Tensor | None:
+        """Inputs for positions [0, position) as one tensor, or None if there are none."""
+        pieces = [chunk[:, : max(0, position - start)] for start, chunk in self.chunks if start < position]
+        return torch.cat(pieces, dim=1) if pieces else None
 
 
 class InferenceSession:
@@ -25,24 +57,46 @@ class InferenceSession:
         self.max_length = max_length
         self.batch_size = batch_size
         self.position = 0
-        self.route: list[RouteHop] = []
-        self._spans: list[SpanSession] = []
+        self._hops: list[_Hop] = []
         # Token ids the servers have processed, (batch, position), and the last full sequence that
         # generate() returned: they let a later generate() call continue or reuse a shared prefix.
         self.token_ids: torch.Tensor | None = None
         self.last_output: torch.Tensor | None = None
 
+    @property
+    def route(self) -> list[RouteHop]:
+        """The servers and blocks that this session uses now (it changes after a failover)."""
+        return [RouteHop(hop.peer_id, hop.span.start, hop.span.end) for hop in self._hops]
+
     def open(self) -> InferenceSession:
-        self.route = self.client.make_route()
-        run_sync(self._open_all())
-        logger.info("opened an inference session (max_length %d, batch %d) over %d servers", self.max_length, self.batch_size, len(self.route))
+        run_sync(self._open())
+        logger.info("opened an inference session (max_length %d, batch %d) over %d servers", self.max_length, self.batch_size, len(self._hops))
         return self
 
-    async def _open_all(self) -> None:
-        for hop in self.route:
-            span = SpanSession(self.client.p2p, hop.peer_id, hop.start, hop.end, self.max_length, self.batch_size)
-            self._spans.append(span)
-            await span.open()
+    async def _open(self) -> None:
+        self._hops = await with_rerouting(
+            lambda: self._open_chain(0, self.client.num_blocks, None), self.client.bans, "opening an inference session"
+        )
+
+    async def _open_chain(self, start: int, end: int, history: torch.Tensor | None) -> list[_Hop]:
+        """Open sessions on a fresh route over [start, end) and replay `history` through it."""
+        route = await self.client.inference_route(start, end, min_cache_tokens=self.batch_size * self.max_length)
+        hops: list[_Hop] = []
+        try:
+            for planned in route:
+                span = SpanSession(self.client.p2p, planned.peer_id, planned.start, planned.end, self.max_length, self.batch_size)
+                try:
+                    await span.open()
+                    hops.append(_Hop(span))
+                    if history is not None:
+                        hops[-1].record(0, history)
+                        history = await _replay(span, history)
+                except BLAMABLE as e:
+                    raise ServerFailure(planned.peer_id, e) from e
+        except BaseException:
+            await _close_all(hops)
+            raise
+        return hops
 
     def step(self, hidden_states: torch.Tensor, position: int | None = None) -> torch.Tensor:
         """Run new tokens' hidden states (batch, new_tokens, hidden) through the route at `position`."""
@@ -55,19 +109,41 @@ class InferenceSession:
             raise InvalidRequest(
                 f"the session's max_length {self.max_length} is too small for {position + hidden_states.shape[1]} tokens"
             )
-        output = run_sync(self._step_all(hidden_states, position))
+        output = run_sync(self._step(hidden_states, position))
         self.position = position + hidden_states.shape[1]
         return output
 
-    async def _step_all(self, hidden_states: torch.Tensor, position: int) -> torch.Tensor:
-        for span in self._spans:
-            hidden_states = await span.step(hidden_states, position)
+    async def _step(self, hidden_states: torch.Tensor, position: int) -> torch.Tensor:
+        failures = 0
+        index = 0
+        while index < len(self._hops):
+            hop = self._hops[index]
+            try:
+                output = await hop.span.step(hidden_states, position)
+            except BLAMABLE as e:
+                failures += 1
+                if failures >= self.client.bans.policy.max_attempts:
+                    raise RoutingError(f"inference step failed {failures} times; last error: {e}") from e
+                logger.warning("server %s failed at position %d (%s); replaying blocks %d:%d elsewhere",
+                               hop.peer_id[-8:], position, e, hop.span.start, hop.span.end)
+                self.client.bans.ban(hop.peer_id)
+                asyncio.get_running_loop().create_task(_close_all([hop]))
+                history = hop.history(position)
+                self._hops[index : index + 1] = await with_rerouting(
+                    lambda: self._open_chain(hop.span.start, hop.span.end, history),
+                    self.client.bans,
+                    f"replacing blocks {hop.span.start}:{hop.span.end}",
+                )
+                continue
+            hop.record(position, hidden_states)
+            hidden_states = output
+            index += 1
         return hidden_states
 
     def close(self) -> None:
-        spans, self._spans = self._spans, []
-        if spans:
-            run_sync(_close_all(spans))
+        hops, self._hops = self._hops, []
+        if hops:
+            run_sync(_close_all(hops))
 
     def __enter__(self) -> InferenceSession:
         return self
@@ -76,6 +152,16 @@ class InferenceSession:
         self.close()
 
 
-async def _close_all(spans: list[SpanSession]) -> None:
-    for span in spans:
-        await span.close()
+REPLAY_CHUNK_TOKENS = 1024  # per sequence: keeps each replay step within servers' per-request limits
+
+
+async def _replay(span: SpanSession, history: torch.Tensor) -> torch.Tensor:
+    """Send `history` (batch, position, hidden) to a fresh span session from position 0; return its outputs."""
+    outputs = []
+    for start in range(0, history.shape[1], REPLAY_CHUNK_TOKENS):
+        outputs.append(await span.step(history[:, start : start + REPLAY_CHUNK_TOKENS], start))
+    return torch.cat(outputs, dim=1)
+
+
+async def _close_all(hops: list[_Hop]) -> None:
+    await asyncio.gather(*(hop.span.close() for hop in hops), return_exceptions=True)

@@ -27,6 +27,7 @@ from swarm.model_id import model_dht_prefix, validate_dht_prefix
 from swarm.model_source import resolve_model
 from swarm.client.inference_session import InferenceSession
 from swarm.client.remote_sequential import RemoteCache, RemoteSequential
+from swarm.client.routing import RouteHop
 from swarm.client.swarm_client import SwarmClient
 
 logger = logging.getLogger(__name__)
@@ -52,9 +53,9 @@ class DistributedCausalLMMixin:
             session.close()
 
     @property
-    def route(self) -> list:
+    def route(self) -> list[RouteHop]:
         """The route of the active inference session (empty without one)."""
-        return list(self._active_session.route) if self._active_session is not None else []
+        return self._active_session.route if self._active_session is not None else []
 
     def generate(self, inputs: torch.Tensor | None = None, *args, session: InferenceSession | None = None, **kwargs):  # noqa: ANN002, ANN003, ANN201
         """transformers' generate(), with the KV cache kept on the servers.
@@ -118,11 +119,14 @@ class AutoDistributedModelForCausalLM:
         dht_prefix: str | None = None,
         torch_dtype: torch.dtype = torch.float32,
         route_wait: float = ROUTE_WAIT,
+        allowed_servers: list[str] | None = None,
+        blocked_servers: list[str] = (),
     ) -> PreTrainedModel:
         """Load the local parts of `model` (a checkpoint directory or an alias such as 'smollm2').
 
         `initial_peers`: multiaddrs of any peers of the swarm. `route_wait`: how long a request
         waits for missing blocks to appear before it fails with MissingBlocksError.
+        `allowed_servers` / `blocked_servers`: peer ids (base58) to use exclusively / never.
         """
         if not initial_peers:
             raise ConfigError("initial_peers=[...] is required: the multiaddrs printed by swarm-dht or a server")
@@ -132,7 +136,14 @@ class AutoDistributedModelForCausalLM:
         prefix = validate_dht_prefix(dht_prefix) if dht_prefix else model_dht_prefix(checkpoint)
         with torch.device("meta"):
             distributed = distributed_class(family.causal_lm_class(config))(config)
-        client = SwarmClient(list(initial_peers), prefix, config.num_hidden_layers, route_wait=route_wait)
+        client = SwarmClient(
+            list(initial_peers),
+            prefix,
+            config.num_hidden_layers,
+            route_wait=route_wait,
+            allowed_servers=allowed_servers,
+            blocked_servers=blocked_servers,
+        )
         distributed.model.layers = nn.ModuleList([RemoteSequential(client)])
         _load_local_weights(distributed, checkpoint, family, torch_dtype)
         # Rotary buffers are not in the checkpoint and must not be built on meta (transformers-spans §6).

@@ -1,15 +1,26 @@
-"""Choosing a chain of servers that covers a range of blocks.
+"""Choosing chains of servers that cover a range of blocks. Pure functions over validated records.
 
-This is the simple router of the foundation: at each block, take the online server whose span
-reaches furthest. It knows nothing about the network; it works on validated records.
+Hidden states go from the client to each hop's server and back (the client keeps every hop's
+inputs, which makes failover a replay), so the time of one inference step through a route is
+the sum over hops of (client-to-server round trip + blocks x that server's time per block).
+`inference_route` finds the route minimising it exactly, by dynamic programming over block
+boundaries: the graph is a DAG in block order, so no priority queue is needed.
+`forward_route` spreads stateless traffic: at each hop it draws a server with probability
+proportional to its throughput divided by the requests this client already has in flight there.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import random
+from collections.abc import Mapping
 
 from swarm.errors import MissingBlocksError
 from swarm.records import ServerRecord, ServerState
+
+DEFAULT_RTT = 0.05  # seconds: assumed round trip to a server not pinged yet
+DEFAULT_STEP_TIME = 0.01  # seconds per block: assumed for a server that announces no throughput
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,11 +30,30 @@ class RouteHop:
     end: int  # one past the last
 
 
-def missing_ranges(blocks: list[dict[str, ServerRecord]], banned: frozenset[str] = frozenset()) -> list[tuple[int, int]]:
-    """Half-open ranges of blocks that no usable online server holds."""
+@dataclasses.dataclass(frozen=True)
+class ServerFilter:
+    """Which servers a client may use: `allowed` (None = any) minus `blocked` minus `banned`."""
+
+    allowed: frozenset[str] | None = None
+    blocked: frozenset[str] = frozenset()
+    banned: frozenset[str] = frozenset()
+    min_cache_tokens: int = 0  # servers with less room are skipped (inference sessions)
+
+    def usable(self, peer: str, record: ServerRecord) -> bool:
+        return (
+            record.state == ServerState.ONLINE
+            and (self.allowed is None or peer in self.allowed)
+            and peer not in self.blocked
+            and peer not in self.banned
+            and record.cache_tokens_left >= self.min_cache_tokens
+        )
+
+
+def missing_ranges(blocks: list[dict[str, ServerRecord]], servers: ServerFilter) -> list[tuple[int, int]]:
+    """Half-open ranges of blocks that no usable server holds."""
     missing: list[tuple[int, int]] = []
-    for index, servers in enumerate(blocks):
-        if any(_usable(peer, record, banned) for peer, record in servers.items()):
+    for index, records in enumerate(blocks):
+        if any(servers.usable(peer, record) for peer, record in records.items()):
             continue
         if missing and missing[-1][1] == index:
             missing[-1] = (missing[-1][0], index + 1)
@@ -32,25 +62,73 @@ def missing_ranges(blocks: list[dict[str, ServerRecord]], banned: frozenset[str]
     return missing
 
 
-def make_route(
-    blocks: list[dict[str, ServerRecord]], start: int, end: int, model: str, banned: frozenset[str] = frozenset()
-) -> list[RouteHop]:
-    """A chain of hops covering blocks [start, end); MissingBlocksError names the gaps."""
-    gaps = [(a, b) for a, b in missing_ranges(blocks, banned) if a < end and b > start]
+def _check_coverage(blocks: list[dict[str, ServerRecord]], start: int, end: int, servers: ServerFilter, model: str) -> None:
+    gaps = [(max(a, start), min(b, end)) for a, b in missing_ranges(blocks, servers) if a < end and b > start]
     if gaps:
-        raise MissingBlocksError([(max(a, start), min(b, end)) for a, b in gaps], model)
+        raise MissingBlocksError(gaps, model)
+
+
+def step_time_per_block(record: ServerRecord) -> float:
+    """Seconds one decode step spends in one block of this server."""
+    return 1.0 / record.inference_rps if record.inference_rps > 0 else DEFAULT_STEP_TIME
+
+
+def inference_route(
+    blocks: list[dict[str, ServerRecord]],
+    start: int,
+    end: int,
+    model: str,
+    servers: ServerFilter = ServerFilter(),
+    rtt: Mapping[str, float] = {},
+) -> list[RouteHop]:
+    """The route over [start, end) with the least expected time per decode step."""
+    _check_coverage(blocks, start, end, servers, model)
+    # best[b]: least time to have run blocks [start, b); via[b]: the hop that ends there.
+    best = {start: 0.0}
+    via: dict[int, tuple[int, str]] = {}
+    for boundary in range(start, end):
+        if boundary not in best:
+            continue
+        base = best[boundary]
+        for peer, record in blocks[boundary].items():
+            if not servers.usable(peer, record):
+                continue
+            hop_end = min(record.end, end)
+            cost = base + rtt.get(peer, DEFAULT_RTT) + (hop_end - boundary) * step_time_per_block(record)
+            if cost < best.get(hop_end, math.inf):
+                best[hop_end] = cost
+                via[hop_end] = (boundary, peer)
+    route: list[RouteHop] = []
+    boundary = end
+    while boundary != start:
+        previous, peer = via[boundary]
+        route.append(RouteHop(peer, previous, boundary))
+        boundary = previous
+    return route[::-1]
+
+
+def forward_route(
+    blocks: list[dict[str, ServerRecord]],
+    start: int,
+    end: int,
+    model: str,
+    servers: ServerFilter = ServerFilter(),
+    in_flight: Mapping[str, int] = {},
+    rng: random.Random | None = None,
+) -> list[RouteHop]:
+    """A route over [start, end) drawn by throughput and this client's current load on each server."""
+    _check_coverage(blocks, start, end, servers, model)
+    rng = rng or random.Random()
     route: list[RouteHop] = []
     position = start
     while position < end:
-        peer, record = max(
-            ((peer, record) for peer, record in blocks[position].items() if _usable(peer, record, banned)),
-            key=lambda item: (item[1].end, item[1].throughput),
-        )
+        candidates = [(peer, record) for peer, record in blocks[position].items() if servers.usable(peer, record)]
+        weights = [
+            max(record.throughput, 1e-3) * (record.end - position) / (1 + in_flight.get(peer, 0))
+            for peer, record in candidates
+        ]
+        peer, record = rng.choices(candidates, weights=weights)[0]
         hop_end = min(record.end, end)
         route.append(RouteHop(peer, position, hop_end))
         position = hop_end
     return route
-
-
-def _usable(peer: str, record: ServerRecord, banned: frozenset[str]) -> bool:
-    return record.state == ServerState.ONLINE and peer not in banned

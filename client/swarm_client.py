@@ -1,38 +1,58 @@
-"""The client's connection to one model in the swarm: DHT membership, routes and forward calls."""
+"""The client's connection to one model in the swarm: DHT reads, pings, routes and forward calls."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections import Counter
 
 import torch
 from hivemind.p2p import P2P
 
 from swarm import dht as swarm_dht
-from swarm.errors import MissingBlocksError, RoutingError
+from swarm.errors import MissingBlocksError, RemoteError
 from swarm.limits import ROUTE_WAIT, STEP_TIMEOUT
-from swarm.transport import open_stream, raise_for_error, translate_errors
+from swarm.records import ServerRecord
+from swarm.transport import call_unary, open_stream, raise_for_error, translate_errors
 from swarm.wire import swarm_rpc_pb2 as pb
 from swarm.wire.frames import read_message, to_frames
-from swarm.wire.rpc import RPC_FORWARD
+from swarm.wire.rpc import RPC_FORWARD, RPC_INFO
 from swarm.wire.tensors import deserialize_tensor, serialize_tensor
 from swarm.client.event_loop import run_sync
-from swarm.client.routing import RouteHop, make_route
+from swarm.client.retry import BLAMABLE, BanList, RetryPolicy, ServerFailure, with_rerouting
+from swarm.client.routing import RouteHop, ServerFilter, forward_route, inference_route
 
 logger = logging.getLogger(__name__)
 
 ROUTE_RETRY_PERIOD = 1.0  # seconds between DHT reads while waiting for missing blocks
+PING_TIMEOUT = 2.0  # seconds; a server slower than this to answer counts as this slow
+PING_MAX_AGE = 60.0  # seconds a round-trip measurement stays valid
 
 
 class SwarmClient:
     """Joins the DHT as a client and talks to the servers of one model (`dht_prefix`)."""
 
-    def __init__(self, initial_peers: list[str], dht_prefix: str, num_blocks: int, route_wait: float = ROUTE_WAIT):
+    def __init__(
+        self,
+        initial_peers: list[str],
+        dht_prefix: str,
+        num_blocks: int,
+        *,
+        route_wait: float = ROUTE_WAIT,
+        allowed_servers: list[str] | None = None,
+        blocked_servers: list[str] = (),
+        retry_policy: RetryPolicy = RetryPolicy(),
+    ):
         self.initial_peers = initial_peers
         self.dht_prefix = dht_prefix
         self.num_blocks = num_blocks
         self.route_wait = route_wait
+        self.allowed_servers = frozenset(allowed_servers) if allowed_servers is not None else None
+        self.blocked_servers = frozenset(blocked_servers)
+        self.bans = BanList(retry_policy)
+        self.in_flight: Counter[str] = Counter()  # this client's requests running on each server
+        self._rtt: dict[str, tuple[float, float]] = {}  # peer -> (seconds, measured at)
         self.dht = None
         self.p2p: P2P | None = None
 
@@ -45,42 +65,97 @@ class SwarmClient:
             self.dht.shutdown()
             self.dht = None
 
-    def make_route(self, start: int = 0, end: int | None = None) -> list[RouteHop]:
-        """A chain of servers covering [start, end), waiting up to `route_wait` s for missing blocks."""
-        end = self.num_blocks if end is None else end
+    def server_filter(self, min_cache_tokens: int = 0) -> ServerFilter:
+        return ServerFilter(self.allowed_servers, self.blocked_servers, self.bans.banned(), min_cache_tokens)
+
+    async def fetch_blocks(self) -> list[dict[str, ServerRecord]]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, swarm_dht.fetch_block_records, self.dht, self.dht_prefix, self.num_blocks)
+
+    async def inference_route(self, start: int, end: int, min_cache_tokens: int) -> list[RouteHop]:
+        """The fastest chain over [start, end) for decoding, waiting up to `route_wait` s for missing blocks."""
+
+        async def plan(blocks: list[dict[str, ServerRecord]]) -> list[RouteHop]:
+            servers = self.server_filter(min_cache_tokens)
+            candidates = {peer for records in blocks[start:end] for peer, record in records.items() if servers.usable(peer, record)}
+            await self.measure_rtt(candidates)
+            return inference_route(blocks, start, end, self.dht_prefix, servers, self.rtt())
+
+        return await self._route_when_covered(plan, "inference")
+
+    async def forward_route(self, start: int, end: int) -> list[RouteHop]:
+        async def plan(blocks: list[dict[str, ServerRecord]]) -> list[RouteHop]:
+            return forward_route(blocks, start, end, self.dht_prefix, self.server_filter(), self.in_flight)
+
+        return await self._route_when_covered(plan, "forward")
+
+    async def _route_when_covered(self, plan, kind: str) -> list[RouteHop]:  # noqa: ANN001
         deadline = time.monotonic() + self.route_wait
         while True:
-            blocks = swarm_dht.fetch_block_records(self.dht, self.dht_prefix, self.num_blocks)
             try:
-                route = make_route(blocks, start, end, self.dht_prefix)
-            except MissingBlocksError:
+                route = await plan(await self.fetch_blocks())
+            except MissingBlocksError as e:
                 if time.monotonic() >= deadline:
                     raise
-                time.sleep(ROUTE_RETRY_PERIOD)
+                logger.debug("waiting for blocks: %s", e)
+                await asyncio.sleep(ROUTE_RETRY_PERIOD)
                 continue
-            logger.info("route: %s", " -> ".join(f"{hop.peer_id[-6:]}[{hop.start}:{hop.end}]" for hop in route))
+            logger.info("%s route: %s", kind, " -> ".join(f"{hop.peer_id[-6:]}[{hop.start}:{hop.end}]" for hop in route))
             return route
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Hidden states (batch, seq, hidden) through all blocks, without a cache."""
-        route = self.make_route()
-        return run_sync(self._forward_route(route, hidden_states))
+    def rtt(self) -> dict[str, float]:
+        now = time.monotonic()
+        return {peer: seconds for peer, (seconds, at) in self._rtt.items() if now - at < PING_MAX_AGE}
 
-    async def _forward_route(self, route: list[RouteHop], hidden_states: torch.Tensor) -> torch.Tensor:
-        for hop in route:
-            hidden_states = await self._forward_hop(hop, hidden_states)
-        return hidden_states
+    async def measure_rtt(self, peers: set[str]) -> None:
+        """Ping the peers whose round-trip time is unknown or stale, all at once."""
+        known = self.rtt()
+        stale = [peer for peer in peers if peer not in known]
+        if stale:
+            await asyncio.gather(*(self._ping(peer) for peer in stale))
+
+    async def _ping(self, peer: str) -> None:
+        began = time.perf_counter()
+        try:
+            await call_unary(self.p2p, peer, RPC_INFO, pb.InfoRequest(), pb.InfoResponse, PING_TIMEOUT)
+            seconds = time.perf_counter() - began
+        except RemoteError:
+            seconds = PING_TIMEOUT
+        self._rtt[peer] = (seconds, time.monotonic())
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Hidden states (batch, seq, hidden) through all blocks, without a cache, rerouting on failures."""
+        return run_sync(self.forward_async(hidden_states, 0, self.num_blocks))
+
+    async def forward_async(self, hidden_states: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        position, state = start, hidden_states
+
+        async def attempt() -> None:
+            # Resumes after the last hop that succeeded: a failure costs only the failed hop.
+            nonlocal position, state
+            for hop in await self.forward_route(position, end):
+                state = await self._forward_hop(hop, state)
+                position = hop.end
+
+        await with_rerouting(attempt, self.bans, f"forward through blocks {start}:{end}")
+        return state
 
     async def _forward_hop(self, hop: RouteHop, hidden_states: torch.Tensor) -> torch.Tensor:
         request = pb.ForwardRequest(span=pb.Span(start=hop.start, end=hop.end), hidden_states=serialize_tensor(hidden_states))
-        replies = await open_stream(self.p2p, hop.peer_id, RPC_FORWARD, _aiter(to_frames(request)), STEP_TIMEOUT)
-        with translate_errors(hop.peer_id, "forward"):
-            reply = await asyncio.wait_for(read_message(replies, pb.ForwardResponse), STEP_TIMEOUT)
-        if reply is None:
-            raise RoutingError(f"server {hop.peer_id[-8:]} closed the forward stream without a reply")
-        if reply.HasField("error"):
-            raise_for_error(hop.peer_id, reply.error)
-        return deserialize_tensor(reply.hidden_states)
+        self.in_flight[hop.peer_id] += 1
+        try:
+            replies = await open_stream(self.p2p, hop.peer_id, RPC_FORWARD, _aiter(to_frames(request)), STEP_TIMEOUT)
+            with translate_errors(hop.peer_id, "forward"):
+                reply = await asyncio.wait_for(read_message(replies, pb.ForwardResponse), STEP_TIMEOUT)
+            if reply is None:
+                raise RemoteError(hop.peer_id, "closed the forward stream without a reply")
+            if reply.HasField("error"):
+                raise_for_error(hop.peer_id, reply.error)
+            return deserialize_tensor(reply.hidden_states)
+        except BLAMABLE as e:
+            raise ServerFailure(hop.peer_id, e) from e
+        finally:
+            self.in_flight[hop.peer_id] -= 1
 
 
 async def _aiter(items):  # noqa: ANN001, ANN202 (an async iterator over a sync one)

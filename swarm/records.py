@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
+import math
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ class ServerRecord:
     state: ServerState
     start: int  # first block held (global index)
     end: int  # one past the last block held
-    throughput: float = 0.0  # tokens/s through the whole span; 0 = not measured
+    throughput: float = 0.0  # forward tokens/s through one block (batched); 0 = not measured
+    inference_rps: float = 0.0  # single-token decode steps/s through one block; 0 = not measured
     cache_tokens_left: int = 0  # attention-cache room, in tokens of one sequence
     torch_dtype: str = "float32"
     quant_type: str = "none"
@@ -55,7 +57,7 @@ class ServerRecord:
     def __post_init__(self) -> None:
         if not (0 <= self.start < self.end):
             raise InvalidRecord(f"impossible span {self.start}:{self.end}")
-        if self.throughput < 0 or self.cache_tokens_left < 0:
+        if self.throughput < 0 or self.inference_rps < 0 or self.cache_tokens_left < 0:
             raise InvalidRecord("negative throughput or cache size")
 
     def to_wire(self) -> dict[str, Any]:
@@ -90,6 +92,7 @@ _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "start": int,
     "end": int,
     "throughput": (int, float),
+    "inference_rps": (int, float),
     "cache_tokens_left": int,
     "torch_dtype": str,
     "quant_type": str,
@@ -113,7 +116,9 @@ def _check_field(name: str, value: Any) -> Any:
         if len(value) > _MAX_LIST or not all(isinstance(item, str) and len(item) <= _MAX_STRING for item in value):
             raise InvalidRecord(f"field {name!r} must be a short list of short strings")
         return tuple(value)
-    if name == "throughput":
+    if name in ("throughput", "inference_rps"):
+        if not math.isfinite(value):
+            raise InvalidRecord(f"field {name!r} is not finite")
         return float(value)
     return value
 

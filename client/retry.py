@@ -1,0 +1,76 @@
+"""The one retry policy of the client: bounded attempts, and bans with exponential backoff.
+
+Forward calls and inference steps both go through `with_rerouting`: a server that fails
+(connection lost, timeout, error reply) is banned for a while and the attempt is made again on
+a route that avoids it. A caller's own mistake (InvalidRequest) is never blamed on a server,
+and missing blocks end the retries at once with MissingBlocksError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from swarm.errors import CacheFull, RemoteError, RoutingError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    max_attempts: int = 5  # attempts per request, the first one included
+    ban_time: float = 15.0  # seconds a failed server is avoided after its first failure
+    max_ban_time: float = 300.0  # seconds; each further failure doubles the ban up to this
+
+
+class BanList:
+    """Servers to avoid for now, each with its own backoff."""
+
+    def __init__(self, policy: RetryPolicy):
+        self.policy = policy
+        self._until: dict[str, float] = {}
+        self._failures: dict[str, int] = {}
+
+    def ban(self, peer_id: str) -> None:
+        failures = self._failures.get(peer_id, 0) + 1
+        self._failures[peer_id] = failures
+        duration = min(self.policy.ban_time * 2 ** (failures - 1), self.policy.max_ban_time)
+        self._until[peer_id] = time.monotonic() + duration
+        logger.info("avoiding server %s for %.0f s (failure %d)", peer_id[-8:], duration, failures)
+
+    def banned(self) -> frozenset[str]:
+        now = time.monotonic()
+        return frozenset(peer for peer, until in self._until.items() if until > now)
+
+
+async def with_rerouting(attempt: Callable[[], Awaitable[T]], bans: BanList, what: str) -> T:
+    """Run `attempt` until it succeeds, banning the server behind each RemoteError/CacheFull.
+
+    `attempt` must build its route afresh (avoiding `bans.banned()`) every time it is called.
+    """
+    errors: list[str] = []
+    for _ in range(bans.policy.max_attempts):
+        try:
+            return await attempt()
+        except ServerFailure as failure:
+            bans.ban(failure.peer_id)
+            errors.append(str(failure.error))
+            logger.warning("%s failed on server %s: %s; rerouting", what, failure.peer_id[-8:], failure.error)
+    raise RoutingError(f"{what} failed {len(errors)} times; last error: {errors[-1]}")
+
+
+class ServerFailure(Exception):
+    """A server-side failure tagged with the server to blame (raised inside attempts)."""
+
+    def __init__(self, peer_id: str, error: Exception):
+        super().__init__(str(error))
+        self.peer_id = peer_id
+        self.error = error
+
+
+BLAMABLE = (RemoteError, CacheFull)  # errors that say a server failed, not the caller
