@@ -109,10 +109,10 @@ class LocalSwarm:
         self.initial_peers = line.split("--initial-peers ", 1)[1].split()
         return self.initial_peers
 
-    def start_server(self, model: str | Path, blocks: str, *extra: str, wait: bool = True) -> ManagedProcess:
-        """A server for `blocks` of `model`; with `wait`, returns once it is announced in the DHT."""
-        args = [sys.executable, "-m", "swarm.server.cli", str(model), "--blocks", blocks,
-                "--initial-peers", *self.initial_peers, *extra]
+    def start_server(self, model: str | Path, blocks: str | None, *extra: str, wait: bool = True) -> ManagedProcess:
+        """A server for `blocks` of `model` (None: pass --num-blocks in `extra`); with `wait`, returns once announced."""
+        span = ["--blocks", blocks] if blocks is not None else []
+        args = [sys.executable, "-m", "swarm.server.cli", str(model), *span, "--initial-peers", *self.initial_peers, *extra]
         server = ManagedProcess(args, env=self.server_env)
         self.processes.append(server)
         if wait:

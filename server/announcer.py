@@ -36,9 +36,21 @@ class Announcer:
     def announce(self, state: ServerState) -> None:
         """Publish the record with `state` now (blocking: a DHT round trip)."""
         self.record = dataclasses.replace(self.record, state=state, cache_tokens_left=self.cache_tokens_left())
-        expiration = RECORD_EXPIRATION if state != ServerState.OFFLINE else self.refresh_period
-        declare_span(self.dht, self.dht_prefix, self.record, self.model, expiration)
+        # Offline records expire like online ones: the DHT keeps whichever expires later, so a shorter
+        # expiration would lose to the online record it must replace.
+        declare_span(self.dht, self.dht_prefix, self.record, self.model, RECORD_EXPIRATION)
         logger.debug("announced %s for blocks %d:%d", state.value, self.record.start, self.record.end)
+
+    def move(self, start: int, end: int) -> None:
+        """Announce the new span online, then the blocks of the old one that it leaves as offline."""
+        old = self.record
+        self.record = dataclasses.replace(old, start=start, end=end)
+        self.announce(ServerState.ONLINE)
+        left = range(old.start, old.end)
+        left_behind = range(left.start, start) if left.start < start else range(max(end, left.start), left.stop)
+        if len(left_behind):
+            offline = dataclasses.replace(old, state=ServerState.OFFLINE)
+            declare_span(self.dht, self.dht_prefix, offline, self.model, RECORD_EXPIRATION, blocks=left_behind)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Refresh the online record every refresh period until `stop` is set."""

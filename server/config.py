@@ -22,6 +22,14 @@ class ServerConfig:
         "smollm2", "a local transformers checkpoint directory, or 'smollm2' (the embedded default model)", positional=True
     )
     blocks: str | None = _field(None, "the blocks to serve as START:END, a half-open range like a Python slice", metavar="A:B")
+    num_blocks: int | None = _field(
+        None, "serve this many blocks, where the swarm is weakest, and move when the swarm needs it (instead of --blocks)"
+    )
+    throughput: float | None = _field(None, "forward tokens/s per block to announce, instead of measuring it")
+    balance_quality: float = _field(
+        0.75, "with --num-blocks, move only if the swarm's bottleneck now is below this fraction of the one after the move"
+    )
+    balance_period: float = _field(120.0, "with --num-blocks, seconds between checks whether moving would help the swarm")
     initial_peers: list[str] = _field([], "multiaddrs of peers already in the swarm (printed by swarm-dht or another server)")
     new_swarm: bool = _field(False, "start a new swarm instead of joining one, and print how others can join it")
     host_maddrs: list[str] = _field(
@@ -47,6 +55,16 @@ class ServerConfig:
         for name in ("attn_cache_tokens", "max_batch_size", "max_tokens_per_request", "max_session_length"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+        if self.blocks is not None and self.num_blocks is not None:
+            raise ConfigError("pass either --blocks or --num-blocks, not both")
+        if self.num_blocks is not None and self.num_blocks <= 0:
+            raise ConfigError("--num-blocks must be positive")
+        if self.throughput is not None and not self.throughput > 0:
+            raise ConfigError("--throughput must be a positive number of tokens/s")
+        if not 0 < self.balance_quality <= 1:
+            raise ConfigError("--balance-quality must be in (0, 1]")
+        if self.balance_period <= 0:
+            raise ConfigError("--balance-period must be positive")
         if self.num_threads is not None and self.num_threads <= 0:
             raise ConfigError("--num-threads must be positive")
         if len(self.public_name) > 64:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 import torch
 from transformers import DynamicCache
 
-from swarm.errors import CacheFull, InvalidRequest
+from swarm.errors import CacheFull, InvalidRequest, SpanNotServed
 from swarm.limits import CACHE_WAIT_TIMEOUT, SESSION_IDLE_TIMEOUT
 from swarm.wire import swarm_rpc_pb2 as pb
 from swarm.wire.rpc import RPC_FORWARD, RPC_INFERENCE, RPC_INFO
@@ -72,9 +72,10 @@ class SpanHandlers:
             request = await read_message(frames, pb.ForwardRequest)
             if request is None:
                 raise InvalidRequest("empty forward request")
-            start, end = self._check_span(request.span)
+            runner = self.runner
+            start, end = self._check_span(request.span, runner)
             hidden = self._check_hidden(request.hidden_states)
-            output = await self.worker.submit(PRIORITY_FORWARD, functools.partial(self.runner, hidden, start, end))
+            output = await self.worker.submit(PRIORITY_FORWARD, functools.partial(runner, hidden, start, end))
             response = pb.ForwardResponse(hidden_states=serialize_tensor(output))
         except Exception as e:
             response = pb.ForwardResponse(error=_error_reply(e, "forward"))
@@ -88,7 +89,8 @@ class SpanHandlers:
             if request is None or request.WhichOneof("request") != "open":
                 raise InvalidRequest("an inference session must start with an `open` message")
             opening = request.open
-            start, end = self._check_span(opening.span)
+            runner = self.runner  # the session keeps these blocks even if the server moves meanwhile
+            start, end = self._check_span(opening.span, runner)
             if not 0 < opening.batch_size <= self.limits.max_batch_size:
                 raise InvalidRequest(f"batch size {opening.batch_size} is outside 1..{self.limits.max_batch_size}")
             if not 0 < opening.max_length <= self.limits.max_session_length:
@@ -97,7 +99,7 @@ class SpanHandlers:
                 self.open_sessions += 1
                 try:
                     yield single_frame(pb.InferenceResponse(opened=pb.SessionOpened(max_length=opening.max_length)))
-                    async for frame in self._run_session(frames, opening, start, end):
+                    async for frame in self._run_session(frames, opening, runner, start, end):
                         yield frame
                 finally:
                     self.open_sessions -= 1
@@ -106,7 +108,7 @@ class SpanHandlers:
                 yield frame
 
     async def _run_session(
-        self, frames: AsyncIterator[pb.Frame], opening: pb.SessionOpen, start: int, end: int
+        self, frames: AsyncIterator[pb.Frame], opening: pb.SessionOpen, runner: SpanRunner, start: int, end: int
     ) -> AsyncIterator[pb.Frame]:
         cache = DynamicCache()  # keys/values per block: (batch, kv_heads, position, head_dim)
         position = 0
@@ -133,17 +135,17 @@ class SpanHandlers:
             if step.position < position:
                 cache.crop(step.position - position)  # crop takes a negative count: drop the last tokens
             position = step.position
-            compute = functools.partial(self.runner, hidden, start, end, position=position, cache=cache)
+            compute = functools.partial(runner, hidden, start, end, position=position, cache=cache)
             output = await self.worker.submit(PRIORITY_INFERENCE, compute)
             position += hidden.shape[1]
             result = pb.StepResult(hidden_states=serialize_tensor(output), position=position, step_id=step.step_id)
             for frame in to_frames(pb.InferenceResponse(step=result)):
                 yield frame
 
-    def _check_span(self, span: pb.Span) -> tuple[int, int]:
-        if not (self.runner.start <= span.start < span.end <= self.runner.end):
-            raise InvalidRequest(
-                f"blocks {span.start}:{span.end} are not served here (this server holds {self.runner.start}:{self.runner.end})"
+    def _check_span(self, span: pb.Span, runner: SpanRunner) -> tuple[int, int]:
+        if not (runner.start <= span.start < span.end <= runner.end):
+            raise SpanNotServed(
+                f"blocks {span.start}:{span.end} are not served here (this server holds {runner.start}:{runner.end})"
             )
         return span.start, span.end
 
@@ -171,6 +173,9 @@ def single_frame(message: pb.InferenceResponse) -> pb.Frame:
 
 
 def _error_reply(error: Exception, rpc: str) -> pb.Error:
+    if isinstance(error, SpanNotServed):
+        logger.info("rejected a %s request: %s", rpc, error)
+        return pb.Error(kind=pb.Error.SPAN_NOT_SERVED, message=str(error))
     if isinstance(error, InvalidRequest):
         logger.info("rejected a %s request: %s", rpc, error)
         return pb.Error(kind=pb.Error.INVALID_REQUEST, message=str(error))

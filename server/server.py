@@ -1,21 +1,24 @@
 """A Swarm server: loads a span of blocks, serves it over hivemind P2P and announces it in the DHT.
 
 `Server(config)` only stores; `run()` loads, serves until SIGTERM/SIGINT, then announces itself
-offline before it exits so that clients route around it at once.
+offline before it exits so that clients route around it at once. With `--num-blocks` it picks
+its own blocks where the swarm is weakest and re-checks periodically (see placement.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import random
 import signal
-import sys
 
+import psutil
 import torch
 
 from swarm import dht as swarm_dht
 from swarm.errors import ConfigError
-from swarm.families import family_of, load_config
+from swarm.families import ModelFamily, family_of, load_config
 from swarm.model_id import model_dht_prefix, validate_dht_prefix
 from swarm.model_source import resolve_model
 from swarm.records import ModelRecord, ServerRecord, ServerState
@@ -28,11 +31,15 @@ from swarm.server.cache_budget import CacheBudget
 from swarm.server.compute_worker import ComputeWorker
 from swarm.server.config import ServerConfig, parse_block_range
 from swarm.server.handlers import RequestLimits, SpanHandlers
+from swarm.server.placement import block_throughputs, choose_start, should_move
 from swarm.server.span_runner import SpanRunner
+from swarm.server.throughput import Throughput, get_throughput
 
 logger = logging.getLogger(__name__)
 
 OFFLINE_ANNOUNCE_TIMEOUT = 5.0  # seconds: shutting down must not hang on an unreachable DHT
+JOIN_JITTER = 1.0  # seconds: servers started together read the swarm at slightly different times
+MEMORY_HEADROOM = 0.9  # fraction of free memory that block weights may take
 
 
 class Server:
@@ -44,42 +51,48 @@ class Server:
         cfg = self.config
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
-        checkpoint = resolve_model(cfg.model)
-        model_config = load_config(checkpoint)
-        family = family_of(model_config)
-        num_blocks = model_config.num_hidden_layers
-        if cfg.blocks is None:
-            start, end = 0, num_blocks
-            logger.info("no --blocks given: serving all %d blocks", num_blocks)
+        self.checkpoint = resolve_model(cfg.model)
+        self.model_config = load_config(self.checkpoint)
+        self.family = family_of(self.model_config)
+        self.total_blocks = self.model_config.num_hidden_layers
+        if cfg.blocks is not None:
+            fixed_span = parse_block_range(cfg.blocks, self.total_blocks)
+        elif cfg.num_blocks is None:
+            fixed_span = (0, self.total_blocks)
+            logger.info("neither --blocks nor --num-blocks given: serving all %d blocks", self.total_blocks)
         else:
-            start, end = parse_block_range(cfg.blocks, num_blocks)
-        dht_prefix = validate_dht_prefix(cfg.dht_prefix) if cfg.dht_prefix else model_dht_prefix(checkpoint)
-        device, dtype = self._choose_device_and_dtype(model_config)
-        layers = load_span_layers(checkpoint, model_config, family, start, end, dtype).to(device)
-        self.runner = SpanRunner(model_config, family, start, layers).to(device)
-        self.dht_prefix = dht_prefix
-        self.record = ServerRecord(
-            state=ServerState.JOINING,
-            start=start,
-            end=end,
-            torch_dtype=str(dtype).removeprefix("torch."),
-            codecs=CODECS,
-            version=__version__,
-            public_name=cfg.public_name,
-        )
-        self.model_record = ModelRecord(num_blocks=num_blocks, model_type=model_config.model_type)
+            fixed_span = None
+        self.dht_prefix = validate_dht_prefix(cfg.dht_prefix) if cfg.dht_prefix else model_dht_prefix(self.checkpoint)
+        self.device, self.dtype = self._choose_device_and_dtype()
+        if cfg.num_blocks is not None:
+            self._check_memory(cfg.num_blocks)
+        throughput = self._throughput()
         self.dht = swarm_dht.start_dht(
-            cfg.initial_peers,
-            host_maddrs=cfg.host_maddrs,
-            announce_maddrs=cfg.announce_maddrs,
-            identity_path=cfg.identity_path,
+            cfg.initial_peers, host_maddrs=cfg.host_maddrs, announce_maddrs=cfg.announce_maddrs, identity_path=cfg.identity_path
         )
         try:
+            self.peer_id = swarm_dht.peer_id_of(self.dht)
+            start, end = fixed_span if fixed_span is not None else self._choose_span(throughput)
+            self.record = ServerRecord(
+                state=ServerState.JOINING,
+                start=start,
+                end=end,
+                throughput=throughput.forward_tps,
+                inference_rps=throughput.inference_rps,
+                torch_dtype=str(self.dtype).removeprefix("torch."),
+                codecs=CODECS,
+                version=__version__,
+                public_name=cfg.public_name,
+            )
+            self.model_record = ModelRecord(num_blocks=self.total_blocks, model_type=self.model_config.model_type)
+            self.announcer = Announcer(self.dht, self.dht_prefix, self.record, self.model_record, lambda: 0)
+            self.announcer.announce(ServerState.JOINING)
+            self.runner = self._load_runner(start, end)
             asyncio.run(self._serve())
         finally:
             self.dht.shutdown()
 
-    def _choose_device_and_dtype(self, model_config) -> tuple[torch.device, torch.dtype]:  # noqa: ANN001
+    def _choose_device_and_dtype(self) -> tuple[torch.device, torch.dtype]:
         cfg = self.config
         device_name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         try:
@@ -94,9 +107,43 @@ class Server:
             dtype = torch.float32
             logger.info("torch dtype float32: CPU kernels are fastest and exact in float32")
         else:
-            dtype = model_config.dtype if model_config.dtype in (torch.float16, torch.bfloat16) else torch.float16
+            checkpoint_dtype = self.model_config.dtype
+            dtype = checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16) else torch.float16
             logger.info("torch dtype %s: the checkpoint's half-precision dtype on GPU", dtype)
         return device, dtype
+
+    def _check_memory(self, num_blocks: int) -> None:
+        """Refuse a --num-blocks whose weights cannot fit in free memory, before loading anything."""
+        if num_blocks > self.total_blocks:
+            raise ConfigError(f"--num-blocks {num_blocks} is more than the model's {self.total_blocks} blocks")
+        with torch.device("meta"):
+            layer = self.family.layer_class(self.model_config)(self.model_config, layer_idx=0)
+        block_bytes = sum(p.numel() for p in layer.parameters()) * torch.empty((), dtype=self.dtype).element_size()
+        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else psutil.virtual_memory().available
+        if num_blocks * block_bytes > MEMORY_HEADROOM * free:
+            raise ConfigError(
+                f"--num-blocks {num_blocks} needs {num_blocks * block_bytes / 2**30:.1f} GiB for weights, "
+                f"but only {free / 2**30:.1f} GiB are free on {self.device}"
+            )
+
+    def _throughput(self) -> Throughput:
+        if self.config.throughput is not None:
+            return Throughput(inference_rps=0.0, forward_tps=self.config.throughput)
+        key = f"{self.dht_prefix}|{self.dtype}|none|{self.device}|threads={torch.get_num_threads()}"
+        return get_throughput(self.model_config, self.family, self.dtype, "none", self.device, key)
+
+    def _choose_span(self, throughput: Throughput) -> tuple[int, int]:
+        asyncio.run(asyncio.sleep(random.uniform(0, JOIN_JITTER)))
+        blocks = swarm_dht.fetch_block_records(self.dht, self.dht_prefix, self.total_blocks)
+        totals = block_throughputs(blocks, exclude=self.peer_id)
+        start = choose_start(totals, self.config.num_blocks, throughput.forward_tps, tie_breaker=self.peer_id)
+        logger.info("chose blocks %d:%d: the weakest window (throughput per block there: %s)",
+                    start, start + self.config.num_blocks, ", ".join(f"{t:.0f}" for t in totals[start : start + self.config.num_blocks]))
+        return start, start + self.config.num_blocks
+
+    def _load_runner(self, start: int, end: int) -> SpanRunner:
+        layers = load_span_layers(self.checkpoint, self.model_config, self.family, start, end, self.dtype).to(self.device)
+        return SpanRunner(self.model_config, self.family, start, layers).to(self.device)
 
     async def _serve(self) -> None:
         cfg = self.config
@@ -116,7 +163,7 @@ class Server:
             version=__version__,
             dht_prefix=self.dht_prefix,
             span=pb.Span(start=self.record.start, end=self.record.end),
-            hidden_size=self.runner.config.hidden_size,
+            hidden_size=self.model_config.hidden_size,
             torch_dtype=self.record.torch_dtype,
             codecs=list(CODECS),
             max_batch_size=limits.max_batch_size,
@@ -126,21 +173,47 @@ class Server:
         handlers = SpanHandlers(runner=self.runner, worker=worker, budget=budget, limits=limits, info=info)
         p2p = await self.dht.replicate_p2p()
         await handlers.register(p2p)
-        announcer = Announcer(self.dht, self.dht_prefix, self.record, self.model_record, lambda: budget.tokens_left)
-        await loop.run_in_executor(None, announcer.announce, ServerState.ONLINE)
-        peer_id = swarm_dht.peer_id_of(self.dht)
+        self.announcer.cache_tokens_left = lambda: budget.tokens_left
+        await loop.run_in_executor(None, self.announcer.announce, ServerState.ONLINE)
         if cfg.new_swarm:
             maddrs = " ".join(swarm_dht.visible_maddrs(self.dht))
             print(f"Started a new swarm. To join it, pass: --initial-peers {maddrs}", flush=True)
-        logger.info("serving blocks %d:%d of %s as %s", self.record.start, self.record.end, self.dht_prefix, peer_id)
+        logger.info("serving blocks %d:%d of %s as %s", self.record.start, self.record.end, self.dht_prefix, self.peer_id)
+        tasks = [asyncio.create_task(self.announcer.run(stop))]
+        if cfg.num_blocks is not None:
+            tasks.append(asyncio.create_task(self._rebalance(stop, handlers)))
         try:
-            await announcer.run(stop)
+            await stop.wait()
         finally:
+            for task in tasks:
+                task.cancel()
             logger.info("shutting down: announcing offline")
             try:
                 await asyncio.wait_for(
-                    loop.run_in_executor(None, announcer.announce, ServerState.OFFLINE), OFFLINE_ANNOUNCE_TIMEOUT
+                    loop.run_in_executor(None, self.announcer.announce, ServerState.OFFLINE), OFFLINE_ANNOUNCE_TIMEOUT
                 )
             except Exception as e:
                 logger.warning("could not announce offline: %s", e)
             worker.stop()
+
+    async def _rebalance(self, stop: asyncio.Event, handlers: SpanHandlers) -> None:
+        """Every balance period (jittered), move to a better window if the swarm gains clearly from it."""
+        loop = asyncio.get_running_loop()
+        cfg = self.config
+        while not stop.is_set():
+            await asyncio.sleep(cfg.balance_period * random.uniform(0.8, 1.2))
+            try:
+                blocks = await loop.run_in_executor(None, swarm_dht.fetch_block_records, self.dht, self.dht_prefix, self.total_blocks)
+                current = self.announcer.record
+                totals = block_throughputs(blocks, exclude=self.peer_id)
+                target = should_move(totals, current.start, cfg.num_blocks, current.throughput, cfg.balance_quality, self.peer_id)
+                if target is None:
+                    continue
+                start, end = target, target + cfg.num_blocks
+                logger.info("moving from blocks %d:%d to %d:%d: the swarm is clearly better that way", current.start, current.end, start, end)
+                runner = await loop.run_in_executor(None, self._load_runner, start, end)
+                await loop.run_in_executor(None, self.announcer.move, start, end)
+                handlers.runner = runner  # open sessions keep the runner they started with
+                handlers.info.span.CopyFrom(pb.Span(start=start, end=end))
+            except Exception as e:  # a failed check is retried next period
+                logger.warning("rebalancing check failed: %s", e)

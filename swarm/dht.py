@@ -98,11 +98,17 @@ def _peer_of_subkey(subkey: Any) -> str | None:
 
 
 def declare_span(
-    dht: hivemind.DHT, dht_prefix: str, record: ServerRecord, model: ModelRecord, expiration: float
+    dht: hivemind.DHT,
+    dht_prefix: str,
+    record: ServerRecord,
+    model: ModelRecord,
+    expiration: float,
+    blocks: range | None = None,
 ) -> None:
-    """Store `record` under every block key of its span, and the model in the index, in one DHT call."""
+    """Store `record` under the block keys of `blocks` (default: its span), and the model in the index, in one DHT call."""
     subkey = _own_subkey(dht)
-    keys = [block_key(dht_prefix, index) for index in range(record.start, record.end)]
+    blocks = range(record.start, record.end) if blocks is None else blocks
+    keys = [block_key(dht_prefix, index) for index in blocks]
     values: list[Any] = [record.to_wire()] * len(keys)
     keys.append(MODEL_INDEX_KEY)
     values.append(model.to_wire())

@@ -3,6 +3,7 @@
     SwarmError
     ├── ConfigError (ValueError)          bad CLI flag, model path, alias, block range
     ├── InvalidRequest (ValueError)       a request that breaks the wire contract (shape, dtype, limits)
+    │   └── SpanNotServed                 (server side) the server does not hold the requested blocks
     ├── RoutingError                      no chain of servers can serve the request
     │   └── MissingBlocksError            some blocks are served by nobody
     ├── RemoteError                       a server answered with an error
@@ -10,7 +11,8 @@
     └── CacheFull                         the server's attention cache has no room for a session
 
 Servers raise `InvalidRequest` and `CacheFull` inside handlers; the handler edge turns them into an
-error reply for that caller only. Clients see a server's error as `RemoteError` carrying its message.
+error reply for that caller only. Clients see a server's failure (and SpanNotServed, which means the
+route is stale) as `RemoteError` carrying its message, and their own mistakes as `InvalidRequest`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ class ConfigError(SwarmError, ValueError):
 
 class InvalidRequest(SwarmError, ValueError):
     """A request breaks the wire contract: wrong span, shape, dtype, size or position."""
+
+
+class SpanNotServed(InvalidRequest):
+    """The server does not hold the requested blocks: the caller's route is stale, not wrong."""
 
 
 class RoutingError(SwarmError):

@@ -57,6 +57,8 @@ def raise_for_error(peer_id: str, error: pb.Error) -> None:
     """Raise the client-side error that a server's `Error` reply stands for."""
     if error.kind == pb.Error.INVALID_REQUEST:
         raise InvalidRequest(f"server {peer_id[-8:]} rejected the request: {error.message}")
+    if error.kind == pb.Error.SPAN_NOT_SERVED:
+        raise RemoteError(peer_id, error.message)
     if error.kind == pb.Error.CACHE_FULL:
         raise CacheFull(f"server {peer_id[-8:]}: {error.message}")
     raise RemoteError(peer_id, error.message)

@@ -107,3 +107,25 @@ def test_losing_the_only_server_of_some_blocks_fails_clearly(replicated_swarm):
             assert time.perf_counter() - began < 30
     finally:
         model.swarm_client.shutdown()
+
+
+def test_clean_leave_and_join_are_seen_at_once(replicated_swarm, tiny_models):
+    """A server stopped with SIGTERM announces offline: new sessions avoid it without any failure;
+    a server that joins is usable as soon as it has announced itself."""
+    swarm, replicas, path = replicated_swarm
+    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers, route_wait=5)
+    try:
+        with model.inference_session(max_length=32) as session:
+            leaving_peer = session.route[-1].peer_id
+        assert replicas[leaving_peer].stop() == 0  # graceful exit after announcing offline
+        with model.inference_session(max_length=32) as session:
+            assert leaving_peer not in {hop.peer_id for hop in session.route}
+        assert not model.swarm_client.bans.banned()  # routed around by the record, not by a failure
+
+        joined = swarm.start_server(path, "0:6", "--num-threads", "1")
+        joined_peer = peer_id_of(joined)
+        model.swarm_client.allowed_servers = frozenset({joined_peer})
+        with model.inference_session(max_length=32) as session:
+            assert [hop.peer_id for hop in session.route] == [joined_peer]
+    finally:
+        model.swarm_client.shutdown()

@@ -42,9 +42,11 @@ class Error(_message.Message):
         INTERNAL: _ClassVar[Error.Kind]
         INVALID_REQUEST: _ClassVar[Error.Kind]
         CACHE_FULL: _ClassVar[Error.Kind]
+        SPAN_NOT_SERVED: _ClassVar[Error.Kind]
     INTERNAL: Error.Kind
     INVALID_REQUEST: Error.Kind
     CACHE_FULL: Error.Kind
+    SPAN_NOT_SERVED: Error.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     kind: Error.Kind

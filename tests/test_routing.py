@@ -1,0 +1,76 @@
+"""Routing as plain data: fastest inference chains, spread forward traffic, filters and gaps."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from swarm.errors import MissingBlocksError
+from swarm.records import ServerRecord, ServerState
+from swarm.client.routing import ServerFilter, forward_route, inference_route
+
+
+def records(*servers: tuple[str, int, int, float]) -> list[dict[str, ServerRecord]]:
+    """Blocks 0..max(end) with each (peer, start, end, inference_rps) server announced on its span."""
+    total = max(end for _, _, end, _ in servers)
+    blocks: list[dict[str, ServerRecord]] = [{} for _ in range(total)]
+    for peer, start, end, rps in servers:
+        record = ServerRecord(state=ServerState.ONLINE, start=start, end=end, throughput=rps * 10, inference_rps=rps)
+        for index in range(start, end):
+            blocks[index][peer] = record
+    return blocks
+
+
+def test_inference_route_prefers_fewer_hops_when_compute_is_equal():
+    blocks = records(("a", 0, 3, 100), ("b", 3, 6, 100), ("c", 0, 6, 100))
+    route = inference_route(blocks, 0, 6, "m", rtt={"a": 0.01, "b": 0.01, "c": 0.01})
+    assert [(hop.peer_id, hop.start, hop.end) for hop in route] == [("c", 0, 6)]
+
+
+def test_inference_route_avoids_a_slow_server_and_high_latency():
+    blocks = records(("a", 0, 3, 100), ("b", 3, 6, 100), ("slow", 0, 6, 1))
+    assert [hop.peer_id for hop in inference_route(blocks, 0, 6, "m")] == ["a", "b"]
+    far = {"a": 0.5, "b": 0.5, "slow": 0.01}
+    blocks = records(("a", 0, 3, 100), ("b", 3, 6, 100), ("near", 0, 6, 50))
+    assert [hop.peer_id for hop in inference_route(blocks, 0, 6, "m", rtt=far)] == ["near"]
+
+
+def test_inference_route_enters_a_server_mid_span():
+    blocks = records(("a", 0, 4, 100), ("b", 2, 6, 100))
+    route = inference_route(blocks, 0, 6, "m")
+    assert [(hop.peer_id, hop.start, hop.end) for hop in route] == [("a", 0, 4), ("b", 4, 6)]
+
+
+def test_filters_and_cache_room():
+    blocks = records(("a", 0, 6, 100), ("b", 0, 6, 10))
+    assert inference_route(blocks, 0, 6, "m", ServerFilter(banned=frozenset({"a"})))[0].peer_id == "b"
+    assert inference_route(blocks, 0, 6, "m", ServerFilter(blocked=frozenset({"a"})))[0].peer_id == "b"
+    assert inference_route(blocks, 0, 6, "m", ServerFilter(allowed=frozenset({"b"})))[0].peer_id == "b"
+    with pytest.raises(MissingBlocksError, match="0:6"):
+        inference_route(blocks, 0, 6, "m", ServerFilter(min_cache_tokens=1))
+
+
+def test_missing_blocks_are_named():
+    blocks = records(("a", 0, 2, 100), ("b", 4, 6, 100))
+    blocks[3] = {}
+    blocks[2] = {}
+    with pytest.raises(MissingBlocksError, match="2:4"):
+        inference_route(blocks, 0, 6, "m")
+
+
+def test_forward_route_spreads_by_throughput_and_load():
+    blocks = records(("fast", 0, 6, 90), ("slow", 0, 6, 10))
+    rng = random.Random(0)
+    picks = Counter(forward_route(blocks, 0, 6, "m", rng=rng)[0].peer_id for _ in range(2000))
+    assert 0.85 < picks["fast"] / 2000 < 0.95
+    loaded = Counter(forward_route(blocks, 0, 6, "m", in_flight={"fast": 20}, rng=rng)[0].peer_id for _ in range(2000))
+    assert loaded["slow"] > loaded["fast"]
+
+
+def test_offline_servers_are_not_used():
+    blocks = records(("a", 0, 6, 100))
+    blocks[0]["a"] = ServerRecord(state=ServerState.OFFLINE, start=0, end=6)
+    with pytest.raises(MissingBlocksError, match="0:1"):
+        inference_route(blocks, 0, 6, "m")
