@@ -51,21 +51,27 @@ class ServerFilter:
 
 def missing_ranges(blocks: list[dict[str, ServerRecord]], servers: ServerFilter) -> list[tuple[int, int]]:
     """Half-open ranges of blocks that no usable server holds."""
-    missing: list[tuple[int, int]] = []
-    for index, records in enumerate(blocks):
-        if any(servers.usable(peer, record) for peer, record in records.items()):
-            continue
-        if missing and missing[-1][1] == index:
-            missing[-1] = (missing[-1][0], index + 1)
-        else:
-            missing.append((index, index + 1))
-    return missing
+    uncovered = [
+        index for index, records in enumerate(blocks) if not any(servers.usable(peer, record) for peer, record in records.items())
+    ]
+    return _ranges(uncovered)
 
 
 def _check_coverage(blocks: list[dict[str, ServerRecord]], start: int, end: int, servers: ServerFilter, model: str) -> None:
     gaps = [(max(a, start), min(b, end)) for a, b in missing_ranges(blocks, servers) if a < end and b > start]
     if gaps:
         raise MissingBlocksError(gaps, model)
+
+
+def _ranges(indices: list[int]) -> list[tuple[int, int]]:
+    """Sorted block indices as half-open ranges of consecutive blocks."""
+    ranges: list[tuple[int, int]] = []
+    for index in indices:
+        if ranges and ranges[-1][1] == index:
+            ranges[-1] = (ranges[-1][0], index + 1)
+        else:
+            ranges.append((index, index + 1))
+    return ranges
 
 
 def step_time_per_block(record: ServerRecord) -> float:
@@ -82,19 +88,35 @@ def inference_route(
     rtt: Mapping[str, float] = {},
 ) -> list[RouteHop]:
     """The route over [start, end) with the least expected time per decode step."""
-    _check_coverage(blocks, start, end, servers, model)
+    # For each block, the usable servers there as (peer, hop end, round trip, seconds per block).
+    # Each record object is checked once (swarm.dht shares one object along a server's span; all
+    # stay alive during this call, so their ids are stable); the loops stay lean for 1000 servers.
+    options: list[list[tuple[str, int, float, float]]] = []
+    checked: dict[int, tuple[str, int, float, float] | None] = {}
+    uncovered = []
+    for index in range(start, end):
+        here = []
+        for peer, record in blocks[index].items():
+            key = id(record)
+            if key not in checked:
+                usable = servers.usable(peer, record)
+                checked[key] = (peer, min(record.end, end), rtt.get(peer, DEFAULT_RTT), step_time_per_block(record)) if usable else None
+            if checked[key] is not None:
+                here.append(checked[key])
+        if not here:
+            uncovered.append(index)
+        options.append(here)
+    if uncovered:
+        raise MissingBlocksError(_ranges(uncovered), model)
     # best[b]: least time to have run blocks [start, b); via[b]: the hop that ends there.
     best = {start: 0.0}
     via: dict[int, tuple[int, str]] = {}
     for boundary in range(start, end):
-        if boundary not in best:
+        base = best.get(boundary)
+        if base is None:
             continue
-        base = best[boundary]
-        for peer, record in blocks[boundary].items():
-            if not servers.usable(peer, record):
-                continue
-            hop_end = min(record.end, end)
-            cost = base + rtt.get(peer, DEFAULT_RTT) + (hop_end - boundary) * step_time_per_block(record)
+        for peer, hop_end, round_trip, per_block in options[boundary - start]:
+            cost = base + round_trip + (hop_end - boundary) * per_block
             if cost < best.get(hop_end, math.inf):
                 best[hop_end] = cost
                 via[hop_end] = (boundary, peer)

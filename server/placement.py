@@ -35,6 +35,22 @@ def swarm_quality(throughputs: Sequence[float]) -> tuple[int, float]:
     return sum(1 for total in throughputs if total <= 0), min(throughputs, default=0.0)
 
 
+def _windows_to_cover(throughputs: Sequence[float], num_blocks: int) -> int:
+    """How many more windows of `num_blocks` it takes to cover the blocks nobody serves."""
+    needed, run = 0, 0
+    for total in [*throughputs, 1.0]:
+        if total <= 0:
+            run += 1
+        elif run:
+            needed, run = needed + -(-run // num_blocks), 0
+    return needed
+
+
+def _blocks_at_bottleneck(throughputs: Sequence[float]) -> int:
+    bottleneck = min(throughputs, default=0.0)
+    return sum(1 for total in throughputs if total <= bottleneck * (1 + 1e-9))
+
+
 def choose_start(throughputs: Sequence[float], num_blocks: int, own_throughput: float, tie_breaker: str = "") -> int:
     """The start of the window of `num_blocks` whose serving makes the swarm best.
 
@@ -51,8 +67,11 @@ def choose_start(throughputs: Sequence[float], num_blocks: int, own_throughput: 
             after[index] += own_throughput
         uncovered, bottleneck = swarm_quality(after)
         window = throughputs[start : start + num_blocks]
-        # Better swarm first; then the window whose own blocks are weakest (ties: most underserved first).
-        candidates.append(((uncovered, -bottleneck, sum(window)), start))
+        # Better swarm first (fewer blocks left at the bottleneck, so later servers can raise it);
+        # then the window whose own blocks are weakest.
+        # Fragmenting the uncovered blocks costs the swarm later servers, so that counts first.
+        key = (_windows_to_cover(after, num_blocks), uncovered, -bottleneck, _blocks_at_bottleneck(after), sum(window))
+        candidates.append((key, start))
     best_key = min(key for key, _ in candidates)
     tied = [start for key, start in candidates if key == best_key]
     digest = int.from_bytes(hashlib.sha256(tie_breaker.encode()).digest()[:8], "big")

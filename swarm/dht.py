@@ -126,13 +126,14 @@ def fetch_block_records(dht: hivemind.DHT, dht_prefix: str, num_blocks: int) -> 
     keys = [block_key(dht_prefix, index) for index in range(num_blocks)]
     raw = dht.run_coroutine(functools.partial(_get_many, keys=keys), return_future=True).result(DHT_CALL_TIMEOUT)
     blocks = []
+    parsed: dict = {}
     for index, key in enumerate(keys):
         entries = {}
         for subkey, value in raw.get(key, {}).items():
             peer = _peer_of_subkey(subkey)
             if peer is not None:
                 entries[peer] = value
-        blocks.append(parse_block_entries(index, entries))
+        blocks.append(parse_block_entries(index, entries, parsed))
     return blocks
 
 

@@ -14,6 +14,8 @@ import dataclasses
 import enum
 import logging
 import math
+
+import msgpack
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -145,12 +147,23 @@ class ModelRecord:
         return cls(num_blocks=num_blocks, model_type=model_type)
 
 
-def parse_block_entries(block_index: int, entries: dict[str, Any]) -> dict[str, ServerRecord]:
-    """Validate one block's {peer_id: raw value} entries; drop (and log) the invalid ones."""
+def parse_block_entries(
+    block_index: int, entries: dict[str, Any], parsed: dict[tuple[str, bytes], ServerRecord] | None = None
+) -> dict[str, ServerRecord]:
+    """Validate one block's {peer_id: raw value} entries; drop (and log) the invalid ones.
+
+    `parsed` (shared across the blocks of one read) makes a server's identical records along its
+    span one object, parsed once.
+    """
     records: dict[str, ServerRecord] = {}
     for peer_id, raw in entries.items():
         try:
-            record = ServerRecord.from_wire(raw)
+            cache_key = (peer_id, msgpack.packb(raw)) if parsed is not None else None
+            record = parsed.get(cache_key) if cache_key is not None else None
+            if record is None:
+                record = ServerRecord.from_wire(raw)
+                if cache_key is not None:
+                    parsed[cache_key] = record
             if not record.start <= block_index < record.end:
                 raise InvalidRecord(f"span {record.start}:{record.end} does not contain block {block_index}")
         except InvalidRecord as e:

@@ -23,8 +23,14 @@ def test_new_server_takes_the_weakest_window():
 
 
 def test_servers_started_together_spread_over_equal_windows():
+    # An empty swarm: windows that do not fragment the rest are equally good, and peers spread over them.
     starts = {choose_start([0] * 30, 10, own_throughput=1, tie_breaker=f"peer{i}") for i in range(20)}
-    assert len(starts) > 5
+    assert starts == {0, 10, 20}
+
+
+def test_new_server_does_not_fragment_uncovered_blocks():
+    # Taking 4:7 would leave 3:4 and 7:9 to cover separately; 6:9 leaves one window's worth.
+    assert choose_start([5, 5, 5, 0, 0, 0, 0, 0, 0], 3, own_throughput=5) in (3, 6)
 
 
 def test_too_many_blocks_is_a_config_error():
