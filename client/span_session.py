@@ -7,11 +7,9 @@ import logging
 from collections.abc import AsyncIterator
 
 import torch
-from hivemind.p2p import P2P
-
 from swarm.errors import RemoteError
 from swarm.limits import CONNECT_TIMEOUT, STEP_TIMEOUT
-from swarm.transport import open_stream, raise_for_error, translate_errors
+from swarm.transport import P2P, open_stream, raise_for_error, translate_errors
 from swarm.wire import swarm_rpc_pb2 as pb
 from swarm.wire.frames import read_message, to_frames
 from swarm.wire.tensors import deserialize_tensor, serialize_tensor

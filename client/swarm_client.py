@@ -8,13 +8,11 @@ import time
 from collections import Counter
 
 import torch
-from hivemind.p2p import P2P
-
 from swarm import dht as swarm_dht
 from swarm.errors import MissingBlocksError, RemoteError
 from swarm.limits import ROUTE_WAIT, STEP_TIMEOUT
 from swarm.records import ServerRecord
-from swarm.transport import call_unary, open_stream, raise_for_error, translate_errors
+from swarm.transport import P2P, call_unary, open_stream, raise_for_error, translate_errors
 from swarm.wire import swarm_rpc_pb2 as pb
 from swarm.wire.frames import read_message, to_frames
 from swarm.wire.rpc import RPC_FORWARD, RPC_INFO

@@ -7,11 +7,11 @@ import dataclasses
 import logging
 from collections.abc import Callable
 
-import hivemind
-
-from swarm.dht import declare_span
+from swarm.dht import DHT, declare_span, fetch_records_at
+from swarm.transport import P2P
 from swarm.limits import RECORD_EXPIRATION, RECORD_REFRESH_PERIOD
 from swarm.records import ModelRecord, ServerRecord, ServerState
+from swarm.server.peer_pings import ping_next_servers
 
 logger = logging.getLogger(__name__)
 
@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 class Announcer:
     def __init__(
         self,
-        dht: hivemind.DHT,
+        dht: DHT,
         dht_prefix: str,
         record: ServerRecord,
         model: ModelRecord,
@@ -52,14 +52,24 @@ class Announcer:
             offline = dataclasses.replace(old, state=ServerState.OFFLINE)
             declare_span(self.dht, self.dht_prefix, offline, self.model, RECORD_EXPIRATION, blocks=left_behind)
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Refresh the online record every refresh period until `stop` is set."""
+    async def run(self, stop: asyncio.Event, p2p: P2P, peer_id: str) -> None:
+        """Refresh the online record (with fresh pings to the next servers) every period until `stop` is set."""
         loop = asyncio.get_running_loop()
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), self.refresh_period)
             except TimeoutError:
                 try:
+                    await self._measure_next_pings(p2p, peer_id)
                     await loop.run_in_executor(None, self.announce, ServerState.ONLINE)
                 except Exception as e:  # a missed refresh is retried next period; the record outlives one
                     logger.warning("could not refresh the DHT record: %s", e)
+
+    async def _measure_next_pings(self, p2p: P2P, peer_id: str) -> None:
+        end = self.record.end
+        pings: tuple[tuple[str, float], ...] = ()
+        if end < self.model.num_blocks:
+            loop = asyncio.get_running_loop()
+            found = await loop.run_in_executor(None, fetch_records_at, self.dht, self.dht_prefix, [end])
+            pings = await ping_next_servers(p2p, peer_id, found[end])
+        self.record = dataclasses.replace(self.record, next_pings=pings)

@@ -18,6 +18,7 @@ from transformers import DynamicCache
 from swarm.errors import CacheFull, InvalidRequest, SpanNotServed
 from swarm.limits import CACHE_WAIT_TIMEOUT, SESSION_IDLE_TIMEOUT
 from swarm.wire import swarm_rpc_pb2 as pb
+from swarm.transport import P2P
 from swarm.wire.rpc import RPC_FORWARD, RPC_INFERENCE, RPC_INFO
 from swarm.wire.frames import read_message, to_frames
 from swarm.wire.tensors import deserialize_tensor, serialize_tensor
@@ -56,7 +57,7 @@ class SpanHandlers:
         self.hidden_size = runner.config.hidden_size
         self.open_sessions = 0
 
-    async def register(self, p2p) -> None:  # noqa: ANN001 (hivemind.P2P, kept behind swarm.dht's door elsewhere)
+    async def register(self, p2p: P2P) -> None:
         await p2p.add_protobuf_handler(RPC_INFO, self.rpc_info, pb.InfoRequest)
         await p2p.add_protobuf_handler(RPC_FORWARD, self.rpc_forward, pb.Frame, stream_input=True, stream_output=True)
         await p2p.add_protobuf_handler(RPC_INFERENCE, self.rpc_inference, pb.Frame, stream_input=True, stream_output=True)

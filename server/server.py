@@ -179,7 +179,7 @@ class Server:
             maddrs = " ".join(swarm_dht.visible_maddrs(self.dht))
             print(f"Started a new swarm. To join it, pass: --initial-peers {maddrs}", flush=True)
         logger.info("serving blocks %d:%d of %s as %s", self.record.start, self.record.end, self.dht_prefix, self.peer_id)
-        tasks = [asyncio.create_task(self.announcer.run(stop))]
+        tasks = [asyncio.create_task(self.announcer.run(stop, p2p, self.peer_id))]
         if cfg.num_blocks is not None:
             tasks.append(asyncio.create_task(self._rebalance(stop, handlers)))
         try:

@@ -24,6 +24,7 @@ from swarm.records import MODEL_INDEX_KEY, ModelRecord, ServerRecord, block_key,
 
 logger = logging.getLogger(__name__)
 
+DHT = hivemind.DHT  # re-exported: the sides name the type from here
 DHT_CALL_TIMEOUT = 30.0  # seconds; a dead DHT process would otherwise block callers forever (trap 5)
 _OWNER_MARKER = b"[owner:"
 
@@ -123,17 +124,23 @@ async def _store_many(dht: hivemind.DHT, node: Any, *, keys: list, values: list,
 
 def fetch_block_records(dht: hivemind.DHT, dht_prefix: str, num_blocks: int) -> list[dict[str, ServerRecord]]:
     """For each block, the valid records of the servers that announce it, by peer id (base58)."""
-    keys = [block_key(dht_prefix, index) for index in range(num_blocks)]
-    raw = dht.run_coroutine(functools.partial(_get_many, keys=keys), return_future=True).result(DHT_CALL_TIMEOUT)
-    blocks = []
+    found = fetch_records_at(dht, dht_prefix, range(num_blocks))
+    return [found[index] for index in range(num_blocks)]
+
+
+def fetch_records_at(dht: hivemind.DHT, dht_prefix: str, indices: range | list[int]) -> dict[int, dict[str, ServerRecord]]:
+    """The valid records announced for the given blocks only, in one DHT call."""
+    keys = {index: block_key(dht_prefix, index) for index in indices}
+    raw = dht.run_coroutine(functools.partial(_get_many, keys=list(keys.values())), return_future=True).result(DHT_CALL_TIMEOUT)
     parsed: dict = {}
-    for index, key in enumerate(keys):
+    blocks = {}
+    for index, key in keys.items():
         entries = {}
         for subkey, value in raw.get(key, {}).items():
             peer = _peer_of_subkey(subkey)
             if peer is not None:
                 entries[peer] = value
-        blocks.append(parse_block_entries(index, entries, parsed))
+        blocks[index] = parse_block_entries(index, entries, parsed)
     return blocks
 
 

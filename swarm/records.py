@@ -55,6 +55,8 @@ class ServerRecord:
     version: str = ""
     public_name: str = ""
     reachability: str = "direct"  # "direct" | "relay"
+    # Round trips (seconds) to servers that hold this server's `end` block, measured by this server.
+    next_pings: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not (0 <= self.start < self.end):
@@ -67,6 +69,7 @@ class ServerRecord:
         value["state"] = self.state.value
         value["codecs"] = list(self.codecs)
         value["adapters"] = list(self.adapters)
+        value["next_pings"] = dict(self.next_pings)
         value["v"] = RECORD_VERSION
         return value
 
@@ -103,6 +106,7 @@ _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "version": str,
     "public_name": str,
     "reachability": str,
+    "next_pings": dict,
 }
 _MAX_STRING = 256
 _MAX_LIST = 64
@@ -118,6 +122,14 @@ def _check_field(name: str, value: Any) -> Any:
         if len(value) > _MAX_LIST or not all(isinstance(item, str) and len(item) <= _MAX_STRING for item in value):
             raise InvalidRecord(f"field {name!r} must be a short list of short strings")
         return tuple(value)
+    if name == "next_pings":
+        if len(value) > _MAX_LIST or not all(
+            isinstance(peer, str) and len(peer) <= _MAX_STRING and isinstance(rtt, (int, float)) and not isinstance(rtt, bool)
+            and math.isfinite(rtt) and rtt >= 0
+            for peer, rtt in value.items()
+        ):
+            raise InvalidRecord("field 'next_pings' must map peer ids to finite, non-negative seconds")
+        return tuple(sorted((peer, float(rtt)) for peer, rtt in value.items()))
     if name in ("throughput", "inference_rps"):
         if not math.isfinite(value):
             raise InvalidRecord(f"field {name!r} is not finite")

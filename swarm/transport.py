@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from typing import TypeVar
 
 from google.protobuf.message import Message
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P, PeerID  # P2P is re-exported: the sides name the type from here
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerError
 
 from swarm.errors import CacheFull, InvalidRequest, PeerTimeout, RemoteError
