@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import time
 from collections import Counter
@@ -57,8 +58,13 @@ class SwarmClient:
     def start(self) -> None:
         self.dht = swarm_dht.start_dht(self.initial_peers, client_mode=True)
         self.p2p = run_sync(self.dht.replicate_p2p())
+        atexit.register(self.shutdown)  # a script that never calls shutdown() still leaves cleanly
 
     def shutdown(self) -> None:
+        """Leave the swarm: close this client's connection to p2pd, then stop its DHT peer."""
+        if self.p2p is not None:
+            run_sync(_close_p2p(self.p2p))
+            self.p2p = None
         if self.dht is not None:
             self.dht.shutdown()
             self.dht = None
@@ -154,6 +160,11 @@ class SwarmClient:
             raise ServerFailure(hop.peer_id, e) from e
         finally:
             self.in_flight[hop.peer_id] -= 1
+
+
+async def _close_p2p(p2p: P2P) -> None:
+    await p2p.shutdown()
+    await asyncio.sleep(0)  # let the cancelled connection tasks finish inside this loop
 
 
 async def _aiter(items):  # noqa: ANN001, ANN202 (an async iterator over a sync one)
