@@ -84,7 +84,9 @@ class InferenceSession:
         hops: list[_Hop] = []
         try:
             for planned in route:
-                span = SpanSession(self.client.p2p, planned.peer_id, planned.start, planned.end, self.max_length, self.batch_size)
+                span = SpanSession(
+                    self.client.p2p, planned.peer_id, planned.start, planned.end, self.max_length, self.batch_size, self.client.codecs
+                )
                 try:
                     await span.open()
                     hops.append(_Hop(span))

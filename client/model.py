@@ -23,11 +23,13 @@ from transformers import GenerationConfig, PreTrainedModel
 from swarm.errors import ConfigError, InvalidRequest
 from swarm.families import ModelFamily, family_of, load_config
 from swarm.limits import ROUTE_WAIT
+from swarm.wire.codecs import DEFAULT_CODEC
 from swarm.model_id import model_dht_prefix, validate_dht_prefix
 from swarm.model_source import resolve_model
 from swarm.client.inference_session import InferenceSession
 from swarm.client.remote_sequential import RemoteCache, RemoteSequential
 from swarm.client.routing import RouteHop
+from swarm.client.wire_codecs import WireCodecs
 from swarm.client.swarm_client import SwarmClient
 
 logger = logging.getLogger(__name__)
@@ -121,12 +123,16 @@ class AutoDistributedModelForCausalLM:
         route_wait: float = ROUTE_WAIT,
         allowed_servers: list[str] | None = None,
         blocked_servers: list[str] = (),
+        wire_codec: str = DEFAULT_CODEC,
+        response_codec: str | None = None,
     ) -> PreTrainedModel:
         """Load the local parts of `model` (a checkpoint directory or an alias such as 'smollm2').
 
         `initial_peers`: multiaddrs of any peers of the swarm. `route_wait`: how long a request
         waits for missing blocks to appear before it fails with MissingBlocksError.
         `allowed_servers` / `blocked_servers`: peer ids (base58) to use exclusively / never.
+        `wire_codec`: how hidden states travel to servers ("none", "fp16", "bf16", "int8", "nf4");
+        `response_codec`: how they come back (default: the same).
         """
         if not initial_peers:
             raise ConfigError("initial_peers=[...] is required: the multiaddrs printed by swarm-dht or a server")
@@ -143,6 +149,7 @@ class AutoDistributedModelForCausalLM:
             route_wait=route_wait,
             allowed_servers=allowed_servers,
             blocked_servers=blocked_servers,
+            codecs=WireCodecs(wire_codec, response_codec or wire_codec),
         )
         distributed.model.layers = nn.ModuleList([RemoteSequential(client)])
         _load_local_weights(distributed, checkpoint, family, torch_dtype)

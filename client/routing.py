@@ -38,10 +38,12 @@ class ServerFilter:
     blocked: frozenset[str] = frozenset()
     banned: frozenset[str] = frozenset()
     min_cache_tokens: int = 0  # servers with less room are skipped (inference sessions)
+    codecs: frozenset[str] = frozenset()  # codecs the server must accept
 
     def usable(self, peer: str, record: ServerRecord) -> bool:
         return (
             record.state == ServerState.ONLINE
+            and self.codecs.issubset(record.codecs)
             and (self.allowed is None or peer in self.allowed)
             and peer not in self.blocked
             and peer not in self.banned

@@ -12,8 +12,9 @@ from swarm.limits import CONNECT_TIMEOUT, STEP_TIMEOUT
 from swarm.transport import P2P, open_stream, raise_for_error, translate_errors
 from swarm.wire import swarm_rpc_pb2 as pb
 from swarm.wire.frames import read_message, to_frames
-from swarm.wire.tensors import deserialize_tensor, serialize_tensor
+from swarm.wire.codecs import decode, encode
 from swarm.wire.rpc import RPC_INFERENCE
+from swarm.client.wire_codecs import WireCodecs
 
 logger = logging.getLogger(__name__)
 
@@ -21,8 +22,11 @@ logger = logging.getLogger(__name__)
 class SpanSession:
     """A server-side inference session over blocks [start, end) of one peer."""
 
-    def __init__(self, p2p: P2P, peer_id: str, start: int, end: int, max_length: int, batch_size: int):
+    def __init__(
+        self, p2p: P2P, peer_id: str, start: int, end: int, max_length: int, batch_size: int, codecs: WireCodecs
+    ):
         self.p2p = p2p
+        self.codecs = codecs
         self.peer_id = peer_id
         self.start = start
         self.end = end
@@ -33,7 +37,12 @@ class SpanSession:
         self._step_id = 0
 
     async def open(self) -> None:
-        opening = pb.SessionOpen(span=pb.Span(start=self.start, end=self.end), max_length=self.max_length, batch_size=self.batch_size)
+        opening = pb.SessionOpen(
+            span=pb.Span(start=self.start, end=self.end),
+            max_length=self.max_length,
+            batch_size=self.batch_size,
+            response_codec=self.codecs.receive,
+        )
         self._send(pb.InferenceRequest(open=opening))
         self._replies = await open_stream(self.p2p, self.peer_id, RPC_INFERENCE, self._requests(), CONNECT_TIMEOUT)
         reply = await self._receive(CONNECT_TIMEOUT)
@@ -43,12 +52,12 @@ class SpanSession:
     async def step(self, hidden_states: torch.Tensor, position: int) -> torch.Tensor:
         """Send hidden states (batch, new_tokens, hidden) starting at `position`; get this span's output."""
         self._step_id += 1
-        step = pb.InferenceStep(hidden_states=serialize_tensor(hidden_states), position=position, step_id=self._step_id)
+        step = pb.InferenceStep(hidden_states=encode(hidden_states, self.codecs.send), position=position, step_id=self._step_id)
         self._send(pb.InferenceRequest(step=step))
         reply = await self._receive(STEP_TIMEOUT)
         if reply.WhichOneof("response") != "step" or reply.step.step_id != self._step_id:
             raise RemoteError(self.peer_id, "the server answered out of order")
-        return deserialize_tensor(reply.step.hidden_states)
+        return decode(reply.step.hidden_states)
 
     async def close(self) -> None:
         """End the stream; the server then frees the session's cache."""

@@ -17,9 +17,10 @@ from swarm.transport import P2P, call_unary, open_stream, raise_for_error, trans
 from swarm.wire import swarm_rpc_pb2 as pb
 from swarm.wire.frames import read_message, to_frames
 from swarm.wire.rpc import RPC_FORWARD, RPC_INFO
-from swarm.wire.tensors import deserialize_tensor, serialize_tensor
+from swarm.wire.codecs import decode, encode
 from swarm.client.event_loop import run_sync
 from swarm.client.retry import BLAMABLE, BanList, RetryPolicy, ServerFailure, with_rerouting
+from swarm.client.wire_codecs import WireCodecs
 from swarm.client.routing import RouteHop, ServerFilter, forward_route, inference_route
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class SwarmClient:
         allowed_servers: list[str] | None = None,
         blocked_servers: list[str] = (),
         retry_policy: RetryPolicy = RetryPolicy(),
+        codecs: WireCodecs = WireCodecs(),
     ):
         self.initial_peers = initial_peers
         self.dht_prefix = dht_prefix
@@ -50,6 +52,7 @@ class SwarmClient:
         self.allowed_servers = frozenset(allowed_servers) if allowed_servers is not None else None
         self.blocked_servers = frozenset(blocked_servers)
         self.bans = BanList(retry_policy)
+        self.codecs = codecs
         self.in_flight: Counter[str] = Counter()  # this client's requests running on each server
         self._rtt: dict[str, tuple[float, float]] = {}  # peer -> (seconds, measured at)
         self.dht = None
@@ -70,7 +73,8 @@ class SwarmClient:
             self.dht = None
 
     def server_filter(self, min_cache_tokens: int = 0) -> ServerFilter:
-        return ServerFilter(self.allowed_servers, self.blocked_servers, self.bans.banned(), min_cache_tokens)
+        codecs = frozenset({self.codecs.send, self.codecs.receive})
+        return ServerFilter(self.allowed_servers, self.blocked_servers, self.bans.banned(), min_cache_tokens, codecs)
 
     async def fetch_blocks(self) -> list[dict[str, ServerRecord]]:
         loop = asyncio.get_running_loop()
@@ -145,7 +149,11 @@ class SwarmClient:
         return state
 
     async def _forward_hop(self, hop: RouteHop, hidden_states: torch.Tensor) -> torch.Tensor:
-        request = pb.ForwardRequest(span=pb.Span(start=hop.start, end=hop.end), hidden_states=serialize_tensor(hidden_states))
+        request = pb.ForwardRequest(
+            span=pb.Span(start=hop.start, end=hop.end),
+            hidden_states=encode(hidden_states, self.codecs.send),
+            response_codec=self.codecs.receive,
+        )
         self.in_flight[hop.peer_id] += 1
         try:
             replies = await open_stream(self.p2p, hop.peer_id, RPC_FORWARD, _aiter(to_frames(request)), STEP_TIMEOUT)
@@ -155,7 +163,7 @@ class SwarmClient:
                 raise RemoteError(hop.peer_id, "closed the forward stream without a reply")
             if reply.HasField("error"):
                 raise_for_error(hop.peer_id, reply.error)
-            return deserialize_tensor(reply.hidden_states)
+            return decode(reply.hidden_states)
         except BLAMABLE as e:
             raise ServerFailure(hop.peer_id, e) from e
         finally:

@@ -15,17 +15,26 @@ from transformers import PretrainedConfig
 
 from swarm.errors import ConfigError
 from swarm.families import ModelFamily
+from swarm.server.quantization import quantize_linear_layers
 
 logger = logging.getLogger(__name__)
 
 
 def load_span_layers(
-    checkpoint_dir: Path, config: PretrainedConfig, family: ModelFamily, start: int, end: int, dtype: torch.dtype
+    checkpoint_dir: Path,
+    config: PretrainedConfig,
+    family: ModelFamily,
+    start: int,
+    end: int,
+    dtype: torch.dtype,
+    device: torch.device = torch.device("cpu"),
+    quant_type: str = "none",
 ) -> nn.ModuleList:
     """Build decoder layers [start, end) with their absolute indices and load only their weights.
 
     Layers are built on the meta device and take the checkpoint's tensors with `assign=True`,
-    so no memory is spent on a random initialisation that would be overwritten.
+    so no memory is spent on a random initialisation that would be overwritten. Each layer is
+    moved (and quantized) before the next is read, so peak memory stays near one layer in dtype.
     """
     began = time.perf_counter()
     layer_class = family.layer_class(config)
@@ -42,8 +51,9 @@ def load_span_layers(
         with torch.device("meta"):
             layer = layer_class(config, layer_idx=index)
         layer.load_state_dict(state, strict=True, assign=True)
+        layer = quantize_linear_layers(layer.to(device), quant_type, dtype)
         layers.append(layer.eval().requires_grad_(False))
-    logger.info("loaded blocks %d:%d in %s in %.1f s", start, end, dtype, time.perf_counter() - began)
+    logger.info("loaded blocks %d:%d in %s (quantization: %s) in %.1f s", start, end, dtype, quant_type, time.perf_counter() - began)
     return layers
 
 

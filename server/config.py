@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from swarm.errors import ConfigError
+from swarm.server.quantization import QUANT_TYPES
 from swarm.limits import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SESSION_LENGTH, DEFAULT_MAX_TOKENS_PER_REQUEST
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -39,6 +40,7 @@ class ServerConfig:
     identity_path: str | None = _field(None, "file with this server's private key, for a stable peer id (created if missing)")
     dht_prefix: str | None = _field(None, "name of the model in the DHT; derived from the model's config and weights if not set")
     torch_dtype: str = _field("auto", "dtype of the blocks' weights; auto = float32 on CPU, the checkpoint's dtype on GPU", choices=DTYPES)
+    quant_type: str = _field("none", "quantize the blocks' linear weights with bitsandbytes", choices=QUANT_TYPES)
     device: str = _field("auto", "torch device for the blocks: cpu, cuda, cuda:1, ...; auto = cuda if available")
     num_threads: int | None = _field(None, "torch threads for compute (default: torch's choice)")
     attn_cache_tokens: int = _field(16384, "attention-cache budget, in tokens (batch x length) over all open sessions")

@@ -21,7 +21,7 @@ from swarm.wire import swarm_rpc_pb2 as pb
 from swarm.transport import P2P
 from swarm.wire.rpc import RPC_FORWARD, RPC_INFERENCE, RPC_INFO
 from swarm.wire.frames import read_message, to_frames
-from swarm.wire.tensors import deserialize_tensor, serialize_tensor
+from swarm.wire.codecs import check_codec, decode, encode
 from swarm.server.cache_budget import CacheBudget
 from swarm.server.compute_worker import PRIORITY_FORWARD, PRIORITY_INFERENCE, ComputeWorker
 from swarm.server.span_runner import SpanRunner
@@ -75,9 +75,10 @@ class SpanHandlers:
                 raise InvalidRequest("empty forward request")
             runner = self.runner
             start, end = self._check_span(request.span, runner)
+            response_codec = check_codec(request.response_codec)
             hidden = self._check_hidden(request.hidden_states)
             output = await self.worker.submit(PRIORITY_FORWARD, functools.partial(runner, hidden, start, end))
-            response = pb.ForwardResponse(hidden_states=serialize_tensor(output))
+            response = pb.ForwardResponse(hidden_states=encode(output, response_codec))
         except Exception as e:
             response = pb.ForwardResponse(error=_error_reply(e, "forward"))
         for frame in to_frames(response):
@@ -112,6 +113,7 @@ class SpanHandlers:
         self, frames: AsyncIterator[pb.Frame], opening: pb.SessionOpen, runner: SpanRunner, start: int, end: int
     ) -> AsyncIterator[pb.Frame]:
         cache = DynamicCache()  # keys/values per block: (batch, kv_heads, position, head_dim)
+        response_codec = check_codec(opening.response_codec)
         position = 0
         while True:
             try:
@@ -139,7 +141,7 @@ class SpanHandlers:
             compute = functools.partial(runner, hidden, start, end, position=position, cache=cache)
             output = await self.worker.submit(PRIORITY_INFERENCE, compute)
             position += hidden.shape[1]
-            result = pb.StepResult(hidden_states=serialize_tensor(output), position=position, step_id=step.step_id)
+            result = pb.StepResult(hidden_states=encode(output, response_codec), position=position, step_id=step.step_id)
             for frame in to_frames(pb.InferenceResponse(step=result)):
                 yield frame
 
@@ -152,7 +154,7 @@ class SpanHandlers:
 
     def _check_hidden(self, message: pb.Tensor) -> torch.Tensor:
         """Hidden states (batch, seq, hidden) within this server's limits, finite."""
-        hidden = deserialize_tensor(message, max_elements=self.limits.max_tokens_per_request * self.hidden_size)
+        hidden = decode(message, max_elements=self.limits.max_tokens_per_request * self.hidden_size)
         if hidden.ndim != 3 or hidden.shape[2] != self.hidden_size:
             raise InvalidRequest(f"hidden states must have shape (batch, seq, {self.hidden_size}), got {tuple(hidden.shape)}")
         batch, seq_len, _ = hidden.shape

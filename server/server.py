@@ -24,7 +24,7 @@ from swarm.model_source import resolve_model
 from swarm.records import ModelRecord, ServerRecord, ServerState
 from swarm.version import __version__
 from swarm.wire import swarm_rpc_pb2 as pb
-from swarm.wire.tensors import CODECS
+from swarm.wire.codecs import CODECS
 from swarm.server.announcer import Announcer
 from swarm.server.block_loader import load_span_layers
 from swarm.server.cache_budget import CacheBudget
@@ -80,6 +80,7 @@ class Server:
                 throughput=throughput.forward_tps,
                 inference_rps=throughput.inference_rps,
                 torch_dtype=str(self.dtype).removeprefix("torch."),
+                quant_type=cfg.quant_type,
                 codecs=CODECS,
                 version=__version__,
                 public_name=cfg.public_name,
@@ -129,8 +130,9 @@ class Server:
     def _throughput(self) -> Throughput:
         if self.config.throughput is not None:
             return Throughput(inference_rps=0.0, forward_tps=self.config.throughput)
-        key = f"{self.dht_prefix}|{self.dtype}|none|{self.device}|threads={torch.get_num_threads()}"
-        return get_throughput(self.model_config, self.family, self.dtype, "none", self.device, key)
+        quant_type = self.config.quant_type
+        key = f"{self.dht_prefix}|{self.dtype}|{quant_type}|{self.device}|threads={torch.get_num_threads()}"
+        return get_throughput(self.model_config, self.family, self.dtype, quant_type, self.device, key)
 
     def _choose_span(self, throughput: Throughput) -> tuple[int, int]:
         asyncio.run(asyncio.sleep(random.uniform(0, JOIN_JITTER)))
@@ -142,7 +144,8 @@ class Server:
         return start, start + self.config.num_blocks
 
     def _load_runner(self, start: int, end: int) -> SpanRunner:
-        layers = load_span_layers(self.checkpoint, self.model_config, self.family, start, end, self.dtype).to(self.device)
+        cfg = self.config
+        layers = load_span_layers(self.checkpoint, self.model_config, self.family, start, end, self.dtype, self.device, cfg.quant_type)
         return SpanRunner(self.model_config, self.family, start, layers).to(self.device)
 
     async def _serve(self) -> None:

@@ -20,6 +20,7 @@ import torch
 from transformers import DynamicCache, PretrainedConfig
 
 from swarm.families import ModelFamily
+from swarm.server.quantization import quantize_linear_layers
 from swarm.server.span_runner import SpanRunner
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def get_throughput(config: PretrainedConfig, family: ModelFamily, dtype: torch.d
             return found
         except TypeError:
             pass
-    measured = measure_throughput(config, family, dtype, device)
+    measured = measure_throughput(config, family, dtype, device, quant_type)
     cached[cache_key] = dataclasses.asdict(measured)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -65,9 +66,12 @@ def get_throughput(config: PretrainedConfig, family: ModelFamily, dtype: torch.d
     return measured
 
 
-def measure_throughput(config: PretrainedConfig, family: ModelFamily, dtype: torch.dtype, device: torch.device) -> Throughput:
+def measure_throughput(
+    config: PretrainedConfig, family: ModelFamily, dtype: torch.dtype, device: torch.device, quant_type: str = "none"
+) -> Throughput:
     began = time.perf_counter()
     layer = family.layer_class(config)(config, layer_idx=0).to(device=device, dtype=dtype).eval()
+    layer = quantize_linear_layers(layer, quant_type, dtype)
     runner = SpanRunner(config, family, 0, torch.nn.ModuleList([layer])).to(device)
     hidden = config.hidden_size
     cache = DynamicCache()

@@ -73,7 +73,7 @@ def expected_tokens(tiny_models):
 @pytest.mark.parametrize("fail_at", ["first", "middle", "last"])
 def test_generation_survives_a_dying_server(replicated_swarm, expected_tokens, fail_at):
     swarm, replicas, path = replicated_swarm
-    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers)
+    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers, wire_codec="none")
     try:
         with model.inference_session(max_length=PROMPT.shape[1] + NEW_TOKENS) as session:
             victim_peer = session.route[-1].peer_id
@@ -96,7 +96,7 @@ def test_generation_survives_a_dying_server(replicated_swarm, expected_tokens, f
 
 def test_losing_the_only_server_of_some_blocks_fails_clearly(replicated_swarm):
     swarm, replicas, path = replicated_swarm
-    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers, route_wait=3)
+    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers, route_wait=3, wire_codec="none")
     try:
         with model.inference_session(max_length=PROMPT.shape[1] + NEW_TOKENS):
             for server in replicas.values():
@@ -113,7 +113,7 @@ def test_clean_leave_and_join_are_seen_at_once(replicated_swarm, tiny_models):
     """A server stopped with SIGTERM announces offline: new sessions avoid it without any failure;
     a server that joins is usable as soon as it has announced itself."""
     swarm, replicas, path = replicated_swarm
-    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers, route_wait=5)
+    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers, route_wait=5, wire_codec="none")
     try:
         with model.inference_session(max_length=32) as session:
             leaving_peer = session.route[-1].peer_id

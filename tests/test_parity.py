@@ -22,7 +22,7 @@ def family_swarm(request, tiny_models):
         swarm.start_dht()
         swarm.start_servers(path, ["0:2", "2:4", "4:6"], "--num-threads", "1")
         local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        remote = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers)
+        remote = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers, wire_codec="none")
         yield local, remote
         remote.swarm_client.shutdown()
     finally:

@@ -1,0 +1,115 @@
+"""Tensor codecs for the wire: raw, half precision, and bitsandbytes' blockwise int8 and nf4.
+
+Hidden states and gradients travel as `swarm.rpc.Tensor`. The client picks, per request, the
+codec of what it sends and of what it wants back; servers announce the codecs they accept.
+Decoding never unpickles: it reads bytes of an allow-listed layout and checks every length
+against the declared shape before building the tensor, and rejects NaN/Inf that a codec
+cannot produce from finite inputs.
+
+Bytes per value (fp32 input): none 4, fp16/bf16 2, int8 1 + 4/64 (scales), nf4 0.5 + 4/64.
+Blocks of 64 values never straddle tokens for hidden sizes that are multiples of 64, so a
+token quantizes the same whether it travels alone (decode) or with others (prefill).
+"""
+
+from __future__ import annotations
+
+import math
+
+import bitsandbytes.functional as bnb_functional
+import torch
+
+from swarm.errors import InvalidRequest
+from swarm.limits import WIRE_DTYPES
+from swarm.wire import swarm_rpc_pb2 as pb
+
+CODECS = ("none", "fp16", "bf16", "int8", "nf4")
+# Chosen by scripts/bench_codecs.py on the default model (see README, "Wire codecs").
+DEFAULT_CODEC = "int8"
+BLOCK_SIZE = 64
+
+_TORCH_DTYPES = {name: getattr(torch, name) for name in WIRE_DTYPES}
+_HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+_INT8_CODE = bnb_functional.create_dynamic_map(signed=True)  # the map bitsandbytes uses by default
+
+
+def check_codec(codec: str) -> str:
+    """`codec` if known (the empty string means "none"); InvalidRequest naming the known ones otherwise."""
+    codec = codec or "none"
+    if codec not in CODECS:
+        raise InvalidRequest(f"unknown codec {codec!r} (known: {', '.join(CODECS)})")
+    return codec
+
+
+def encode(tensor: torch.Tensor, codec: str = "none") -> pb.Tensor:
+    """Encode a float tensor of a wire dtype with `codec`."""
+    codec = check_codec(codec)
+    dtype_name = str(tensor.dtype).removeprefix("torch.")
+    if dtype_name not in _TORCH_DTYPES:
+        raise InvalidRequest(f"dtype {dtype_name} cannot go on the wire (allowed: {', '.join(WIRE_DTYPES)})")
+    flat = tensor.detach().reshape(-1).contiguous().cpu()
+    message = pb.Tensor(shape=list(tensor.shape), dtype=dtype_name, codec=codec)
+    if codec == "none":
+        message.data = _raw_bytes(flat)
+    elif codec in _HALF:
+        message.data = _raw_bytes(flat.to(_HALF[codec]))
+    elif flat.numel() > 0:
+        if codec == "int8":
+            codes, state = bnb_functional.quantize_blockwise(flat.float(), code=_INT8_CODE, blocksize=BLOCK_SIZE)
+        else:
+            codes, state = bnb_functional.quantize_4bit(flat.float(), blocksize=BLOCK_SIZE, quant_type="nf4")
+        message.data = _raw_bytes(codes.reshape(-1))
+        message.scales = _raw_bytes(state.absmax.float())
+        message.block_size = BLOCK_SIZE
+    return message
+
+
+def decode(message: pb.Tensor, max_elements: int | None = None) -> torch.Tensor:
+    """Decode a tensor, raising InvalidRequest if its header and payload disagree."""
+    codec = check_codec(message.codec)
+    dtype = _TORCH_DTYPES.get(message.dtype)
+    if dtype is None:
+        raise InvalidRequest(f"dtype {message.dtype!r} is not allowed (allowed: {', '.join(WIRE_DTYPES)})")
+    shape = tuple(message.shape)
+    numel = math.prod(shape)
+    if max_elements is not None and numel > max_elements:
+        raise InvalidRequest(f"tensor of shape {shape} has {numel} elements, more than the limit {max_elements}")
+    if codec == "none":
+        return _from_raw(message.data, dtype, shape, f"{message.dtype}")
+    if codec in _HALF:
+        return _from_raw(message.data, _HALF[codec], shape, codec).to(dtype)
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    if message.block_size != BLOCK_SIZE:
+        raise InvalidRequest(f"{codec} block size {message.block_size} is not supported (use {BLOCK_SIZE})")
+    num_blocks = -(-numel // BLOCK_SIZE)
+    absmax = _from_raw(message.scales, torch.float32, (num_blocks,), f"{codec} scales")
+    if not torch.isfinite(absmax).all() or (absmax < 0).any():
+        raise InvalidRequest(f"{codec} scales must be finite and non-negative")
+    if codec == "int8":
+        codes = _from_raw(message.data, torch.uint8, (numel,), "int8 codes")
+        values = bnb_functional.dequantize_blockwise(codes, absmax=absmax, code=_INT8_CODE, blocksize=BLOCK_SIZE)
+    else:
+        codes = _from_raw(message.data, torch.uint8, (-(-numel // 2), 1), "nf4 codes")
+        state = bnb_functional.QuantState(
+            absmax=absmax, shape=torch.Size([numel]), dtype=torch.float32, blocksize=BLOCK_SIZE, quant_type="nf4"
+        )
+        values = bnb_functional.dequantize_4bit(codes, quant_state=state)
+    return values.reshape(shape).to(dtype)
+
+
+def encoded_size(message: pb.Tensor) -> int:
+    """Bytes of payload (data and scales) a tensor takes on the wire."""
+    return len(message.data) + len(message.scales)
+
+
+def _raw_bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.view(torch.uint8).numpy().tobytes()
+
+
+def _from_raw(data: bytes, dtype: torch.dtype, shape: tuple[int, ...], what: str) -> torch.Tensor:
+    expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if len(data) != expected:
+        raise InvalidRequest(f"{what} of shape {shape} needs {expected} bytes, got {len(data)}")
+    if expected == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
