@@ -15,6 +15,7 @@ import logging
 import torch
 
 from swarm.errors import InvalidRequest, RoutingError
+from swarm.client.adapters import RequestAdapter
 from swarm.client.event_loop import run_sync
 from swarm.client.retry import BLAMABLE, ServerFailure, with_rerouting
 from swarm.client.routing import RouteHop
@@ -52,11 +53,13 @@ class _Hop:
 
 
 class InferenceSession:
-    def __init__(self, client: SwarmClient, max_length: int, batch_size: int):
+    def __init__(self, client: SwarmClient, max_length: int, batch_size: int, adapter: RequestAdapter | None = None):
         self.client = client
         self.max_length = max_length
         self.batch_size = batch_size
+        self.adapter = adapter  # applied by the servers to every step
         self.position = 0
+        self.prefix_length = 0  # trainable prompts (prompt tuning) before the tokens, once sent
         self._hops: list[_Hop] = []
         # Token ids the servers have processed, (batch, position), and the last full sequence that
         # generate() returned: they let a later generate() call continue or reuse a shared prefix.
@@ -84,8 +87,10 @@ class InferenceSession:
         hops: list[_Hop] = []
         try:
             for planned in route:
+                adapter = self.adapter.message(planned.start, planned.end) if self.adapter is not None else None
                 span = SpanSession(
-                    self.client.p2p, planned.peer_id, planned.start, planned.end, self.max_length, self.batch_size, self.client.codecs
+                    self.client.p2p, planned.peer_id, planned.start, planned.end, self.max_length, self.batch_size,
+                    self.client.codecs, adapter,
                 )
                 try:
                     await span.open()

@@ -29,6 +29,7 @@ from swarm.model_source import resolve_model
 from swarm.client.inference_session import InferenceSession
 from swarm.client.remote_sequential import RemoteCache, RemoteSequential
 from swarm.client.routing import RouteHop
+from swarm.client.tuning_api import SwarmTuningMixin
 from swarm.client.wire_codecs import WireCodecs
 from swarm.client.swarm_client import SwarmClient
 
@@ -46,7 +47,8 @@ class DistributedCausalLMMixin:
         """Keep one server-side session (and its KV cache) across several generate() calls."""
         if self._active_session is not None:
             raise InvalidRequest("an inference session is already active on this model")
-        session = InferenceSession(self.swarm_client, max_length=max_length, batch_size=batch_size).open()
+        session = InferenceSession(self.swarm_client, max_length=max_length + self.pre_seq_len, batch_size=batch_size,
+                                   adapter=self.request_adapter()).open()
         self._active_session = session
         try:
             yield session
@@ -81,16 +83,47 @@ class DistributedCausalLMMixin:
         with self.inference_session(max_length=max_length, batch_size=batch_size) as new_session:
             return self._generate_in_session(new_session, inputs, *args, **kwargs)
 
+    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, inputs_embeds=None, labels=None, **kwargs):  # noqa: ANN001, ANN003, ANN201
+        """transformers' forward, with prompt tuning's trainable prompts put before the tokens.
+
+        The prompts go in once per sequence: always without a session, at the first step with one.
+        Their positions are dropped from the logits, so outputs line up with the tokens.
+        """
+        prefix = self.pre_seq_len
+        session = past_key_values.session if isinstance(past_key_values, RemoteCache) else None
+        if prefix and (session is None or session.position == 0):
+            if inputs_embeds is None:
+                inputs_embeds = self.get_input_embeddings()(input_ids)
+            batch = inputs_embeds.shape[0]
+            prompts = self.prompt_embeddings.weight[None].expand(batch, -1, -1).to(inputs_embeds.dtype)
+            inputs_embeds, input_ids = torch.cat([prompts, inputs_embeds], dim=1), None
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask.new_ones(batch, prefix), attention_mask], dim=1)
+            if labels is not None:
+                labels = torch.cat([labels.new_full((batch, prefix), -100), labels], dim=1)
+            if session is not None:
+                session.prefix_length = prefix
+        else:
+            prefix = 0
+        output = super().forward(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
+                                 inputs_embeds=inputs_embeds, labels=labels, **kwargs)
+        if prefix:
+            output.logits = output.logits[:, prefix:]
+        return output
+
     def _generate_in_session(self, session: InferenceSession, inputs: torch.Tensor | None, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         if inputs is None:
             if session.last_output is None:
                 raise InvalidRequest("generate(None) continues a session, but this session has generated nothing yet")
             inputs = session.last_output
         # Reuse the longest prefix the servers already hold; at least one token must be new.
-        reused = _common_prefix_length(session.token_ids, inputs)
-        session.position = min(reused, inputs.shape[1] - 1)
+        reused = min(_common_prefix_length(session.token_ids, inputs), inputs.shape[1] - 1)
+        if reused == 0:
+            session.position = session.prefix_length = 0  # start over: prompts (if any) go in again
+        else:
+            session.position = session.prefix_length + reused
         output = super().generate(inputs, *args, past_key_values=RemoteCache(session), **kwargs)  # type: ignore[misc]
-        session.token_ids = output[:, : session.position]
+        session.token_ids = output[:, : session.position - session.prefix_length]
         session.last_output = output
         return output
 
@@ -106,7 +139,7 @@ def _common_prefix_length(seen: torch.Tensor | None, inputs: torch.Tensor) -> in
 @functools.cache
 def distributed_class(model_class: type[PreTrainedModel]) -> type[PreTrainedModel]:
     """`Distributed<Name>`: the transformers class with the mixin in front, made once per class."""
-    return type(f"Distributed{model_class.__name__}", (DistributedCausalLMMixin, model_class), {})
+    return type(f"Distributed{model_class.__name__}", (SwarmTuningMixin, DistributedCausalLMMixin, model_class), {})
 
 
 class AutoDistributedModelForCausalLM:
@@ -125,6 +158,8 @@ class AutoDistributedModelForCausalLM:
         blocked_servers: list[str] = (),
         wire_codec: str = DEFAULT_CODEC,
         response_codec: str | None = None,
+        tuning_mode: str | None = None,
+        pre_seq_len: int = 0,
     ) -> PreTrainedModel:
         """Load the local parts of `model` (a checkpoint directory or an alias such as 'smollm2').
 
@@ -133,6 +168,8 @@ class AutoDistributedModelForCausalLM:
         `allowed_servers` / `blocked_servers`: peer ids (base58) to use exclusively / never.
         `wire_codec`: how hidden states travel to servers ("none", "fp16", "bf16", "int8", "nf4");
         `response_codec`: how they come back (default: the same).
+        `tuning_mode`: "ptune" (trainable prompts before the input) or "deep_ptune" (also a prompt
+        added before every block), with `pre_seq_len` prompt tokens; LoRA comes via add_adapter().
         """
         if not initial_peers:
             raise ConfigError("initial_peers=[...] is required: the multiaddrs printed by swarm-dht or a server")
@@ -151,13 +188,14 @@ class AutoDistributedModelForCausalLM:
             blocked_servers=blocked_servers,
             codecs=WireCodecs(wire_codec, response_codec or wire_codec),
         )
-        distributed.model.layers = nn.ModuleList([RemoteSequential(client)])
+        distributed.model.layers = nn.ModuleList([RemoteSequential(client, distributed.request_adapter)])
         _load_local_weights(distributed, checkpoint, family, torch_dtype)
         # Rotary buffers are not in the checkpoint and must not be built on meta (transformers-spans §6).
         distributed.model.rotary_emb = family.rotary_class(config)(config=config)
         if (checkpoint / "generation_config.json").exists():
             distributed.generation_config = GenerationConfig.from_pretrained(checkpoint)
         distributed.swarm_client = client
+        distributed.setup_tuning(tuning_mode, pre_seq_len)
         distributed.eval()
         client.start()
         logger.info("loaded %s (%d remote blocks, DHT prefix %s)", checkpoint.name, config.num_hidden_layers, prefix)

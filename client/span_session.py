@@ -23,10 +23,19 @@ class SpanSession:
     """A server-side inference session over blocks [start, end) of one peer."""
 
     def __init__(
-        self, p2p: P2P, peer_id: str, start: int, end: int, max_length: int, batch_size: int, codecs: WireCodecs
+        self,
+        p2p: P2P,
+        peer_id: str,
+        start: int,
+        end: int,
+        max_length: int,
+        batch_size: int,
+        codecs: WireCodecs,
+        adapter: pb.Adapter | None = None,
     ):
         self.p2p = p2p
         self.codecs = codecs
+        self.adapter = adapter
         self.peer_id = peer_id
         self.start = start
         self.end = end
@@ -42,6 +51,7 @@ class SpanSession:
             max_length=self.max_length,
             batch_size=self.batch_size,
             response_codec=self.codecs.receive,
+            adapter=self.adapter,
         )
         self._send(pb.InferenceRequest(open=opening))
         self._replies = await open_stream(self.p2p, self.peer_id, RPC_INFERENCE, self._requests(), CONNECT_TIMEOUT)

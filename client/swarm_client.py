@@ -1,4 +1,4 @@
-"""The client's connection to one model in the swarm: DHT reads, pings, routes and forward calls."""
+"""The client's connection to one model in the swarm: DHT membership, records, pings and routes."""
 
 from __future__ import annotations
 
@@ -8,18 +8,15 @@ import logging
 import time
 from collections import Counter
 
-import torch
 from swarm import dht as swarm_dht
 from swarm.errors import MissingBlocksError, RemoteError
-from swarm.limits import ROUTE_WAIT, STEP_TIMEOUT
+from swarm.limits import ROUTE_WAIT
 from swarm.records import ServerRecord
-from swarm.transport import P2P, call_unary, open_stream, raise_for_error, translate_errors
+from swarm.transport import P2P, call_unary
 from swarm.wire import swarm_rpc_pb2 as pb
-from swarm.wire.frames import read_message, to_frames
-from swarm.wire.rpc import RPC_FORWARD, RPC_INFO
-from swarm.wire.codecs import decode, encode
+from swarm.wire.rpc import RPC_INFO
 from swarm.client.event_loop import run_sync
-from swarm.client.retry import BLAMABLE, BanList, RetryPolicy, ServerFailure, with_rerouting
+from swarm.client.retry import BanList, RetryPolicy
 from swarm.client.wire_codecs import WireCodecs
 from swarm.client.routing import RouteHop, ServerFilter, forward_route, inference_route
 
@@ -131,50 +128,7 @@ class SwarmClient:
             seconds = PING_TIMEOUT
         self._rtt[peer] = (seconds, time.monotonic())
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Hidden states (batch, seq, hidden) through all blocks, without a cache, rerouting on failures."""
-        return run_sync(self.forward_async(hidden_states, 0, self.num_blocks))
-
-    async def forward_async(self, hidden_states: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        position, state = start, hidden_states
-
-        async def attempt() -> None:
-            # Resumes after the last hop that succeeded: a failure costs only the failed hop.
-            nonlocal position, state
-            for hop in await self.forward_route(position, end):
-                state = await self._forward_hop(hop, state)
-                position = hop.end
-
-        await with_rerouting(attempt, self.bans, f"forward through blocks {start}:{end}")
-        return state
-
-    async def _forward_hop(self, hop: RouteHop, hidden_states: torch.Tensor) -> torch.Tensor:
-        request = pb.ForwardRequest(
-            span=pb.Span(start=hop.start, end=hop.end),
-            hidden_states=encode(hidden_states, self.codecs.send),
-            response_codec=self.codecs.receive,
-        )
-        self.in_flight[hop.peer_id] += 1
-        try:
-            replies = await open_stream(self.p2p, hop.peer_id, RPC_FORWARD, _aiter(to_frames(request)), STEP_TIMEOUT)
-            with translate_errors(hop.peer_id, "forward"):
-                reply = await asyncio.wait_for(read_message(replies, pb.ForwardResponse), STEP_TIMEOUT)
-            if reply is None:
-                raise RemoteError(hop.peer_id, "closed the forward stream without a reply")
-            if reply.HasField("error"):
-                raise_for_error(hop.peer_id, reply.error)
-            return decode(reply.hidden_states)
-        except BLAMABLE as e:
-            raise ServerFailure(hop.peer_id, e) from e
-        finally:
-            self.in_flight[hop.peer_id] -= 1
-
 
 async def _close_p2p(p2p: P2P) -> None:
     await p2p.shutdown()
     await asyncio.sleep(0)  # let the cancelled connection tasks finish inside this loop
-
-
-async def _aiter(items):  # noqa: ANN001, ANN202 (an async iterator over a sync one)
-    for item in items:
-        yield item

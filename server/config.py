@@ -47,6 +47,8 @@ class ServerConfig:
     max_batch_size: int = _field(DEFAULT_MAX_BATCH_SIZE, "largest batch accepted in one request")
     max_tokens_per_request: int = _field(DEFAULT_MAX_TOKENS_PER_REQUEST, "most tokens (batch x new tokens) in one request")
     max_session_length: int = _field(DEFAULT_MAX_SESSION_LENGTH, "longest sequence an inference session may reach")
+    max_lora_rank: int = _field(64, "largest LoRA rank a client may send")
+    activation_store_mb: int = _field(1024, "memory for forwards kept for their backward (training); beyond it, backward recomputes")
     public_name: str = _field("", "a name to show as this server's contributor (e.g. on the health page)")
 
     def __post_init__(self) -> None:
@@ -54,7 +56,7 @@ class ServerConfig:
             raise ConfigError("--new-swarm starts a new swarm: do not pass --initial-peers with it")
         if not self.new_swarm and not self.initial_peers:
             raise ConfigError("pass --initial-peers MADDR... to join a swarm, or --new-swarm to start one")
-        for name in ("attn_cache_tokens", "max_batch_size", "max_tokens_per_request", "max_session_length"):
+        for name in ("attn_cache_tokens", "max_batch_size", "max_tokens_per_request", "max_session_length", "max_lora_rank"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
         if self.blocks is not None and self.num_blocks is not None:

@@ -19,9 +19,11 @@ from swarm.errors import CacheFull, InvalidRequest, SpanNotServed
 from swarm.limits import CACHE_WAIT_TIMEOUT, SESSION_IDLE_TIMEOUT
 from swarm.wire import swarm_rpc_pb2 as pb
 from swarm.transport import P2P
-from swarm.wire.rpc import RPC_FORWARD, RPC_INFERENCE, RPC_INFO
+from swarm.wire.rpc import RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, RPC_INFO
 from swarm.wire.frames import read_message, to_frames
 from swarm.wire.codecs import check_codec, decode, encode
+from swarm.server.adapters import ParsedAdapter, applied, parse_adapter
+from swarm.server.backprop import ActivationStore, backward, forward_for_backward
 from swarm.server.cache_budget import CacheBudget
 from swarm.server.compute_worker import PRIORITY_FORWARD, PRIORITY_INFERENCE, ComputeWorker
 from swarm.server.span_runner import SpanRunner
@@ -33,6 +35,7 @@ class RequestLimits:
     max_batch_size: int
     max_tokens_per_request: int  # batch * new tokens
     max_session_length: int  # tokens per sequence
+    max_lora_rank: int
 
 
 class SpanHandlers:
@@ -46,6 +49,7 @@ class SpanHandlers:
         budget: CacheBudget,
         limits: RequestLimits,
         info: pb.InfoResponse,
+        activations: ActivationStore,
         idle_timeout: float = SESSION_IDLE_TIMEOUT,
     ):
         self.runner = runner
@@ -53,6 +57,7 @@ class SpanHandlers:
         self.budget = budget
         self.limits = limits
         self.info = info
+        self.activations = activations
         self.idle_timeout = idle_timeout
         self.hidden_size = runner.config.hidden_size
         self.open_sessions = 0
@@ -61,6 +66,7 @@ class SpanHandlers:
         await p2p.add_protobuf_handler(RPC_INFO, self.rpc_info, pb.InfoRequest)
         await p2p.add_protobuf_handler(RPC_FORWARD, self.rpc_forward, pb.Frame, stream_input=True, stream_output=True)
         await p2p.add_protobuf_handler(RPC_INFERENCE, self.rpc_inference, pb.Frame, stream_input=True, stream_output=True)
+        await p2p.add_protobuf_handler(RPC_BACKWARD, self.rpc_backward, pb.Frame, stream_input=True, stream_output=True)
 
     async def rpc_info(self, request: pb.InfoRequest, context: object) -> pb.InfoResponse:
         info = pb.InfoResponse()
@@ -77,10 +83,49 @@ class SpanHandlers:
             start, end = self._check_span(request.span, runner)
             response_codec = check_codec(request.response_codec)
             hidden = self._check_hidden(request.hidden_states)
-            output = await self.worker.submit(PRIORITY_FORWARD, functools.partial(runner, hidden, start, end))
+            adapter = parse_adapter(request.adapter, runner, start, end, self.limits.max_lora_rank)
+            if request.forward_id:
+                compute = functools.partial(forward_for_backward, runner, hidden, start, end, adapter, request.dropout_seed)
+                kept = await self.worker.submit(PRIORITY_FORWARD, compute)
+                self.activations.put((_caller(context), request.forward_id), kept)
+                output = kept.output.detach()
+            else:
+                output = await self.worker.submit(PRIORITY_FORWARD, functools.partial(_run_frozen, runner, hidden, start, end, adapter))
             response = pb.ForwardResponse(hidden_states=encode(output, response_codec))
         except Exception as e:
             response = pb.ForwardResponse(error=_error_reply(e, "forward"))
+        for frame in to_frames(response):
+            yield frame
+
+    async def rpc_backward(self, frames: AsyncIterator[pb.Frame], context: object) -> AsyncIterator[pb.Frame]:
+        """Gradients of a span's inputs and of the caller's adapter, from its kept forward or a recompute."""
+        try:
+            request = await read_message(frames, pb.BackwardRequest)
+            if request is None:
+                raise InvalidRequest("empty backward request")
+            runner = self.runner
+            start, end = self._check_span(request.span, runner)
+            response_codec = check_codec(request.response_codec)
+            hidden = self._check_hidden(request.hidden_states)
+            grad_outputs = self._check_hidden(request.grad_outputs, "gradients")
+            if grad_outputs.shape != hidden.shape:
+                raise InvalidRequest(f"gradients of shape {tuple(grad_outputs.shape)} do not match the inputs' {tuple(hidden.shape)}")
+            kept = self.activations.pop((_caller(context), request.forward_id)) if request.forward_id else None
+            if kept is None or kept.inputs.shape != hidden.shape:
+                adapter = parse_adapter(request.adapter, runner, start, end, self.limits.max_lora_rank)
+                compute = functools.partial(forward_for_backward, runner, hidden, start, end, adapter, request.dropout_seed)
+                kept = await self.worker.submit(PRIORITY_FORWARD, compute)
+            grad_inputs, lora_grads, prompt_grads = await self.worker.submit(
+                PRIORITY_FORWARD, functools.partial(backward, kept, grad_outputs)
+            )
+            response = pb.BackwardResponse(
+                grad_inputs=encode(grad_inputs, response_codec),
+                lora_grads=[pb.NamedTensor(name=name, tensor=encode(grad)) for name, grad in lora_grads.items()],
+            )
+            if prompt_grads is not None:
+                response.deep_prompt_grads.CopyFrom(encode(prompt_grads))
+        except Exception as e:
+            response = pb.BackwardResponse(error=_error_reply(e, "backward"))
         for frame in to_frames(response):
             yield frame
 
@@ -97,11 +142,12 @@ class SpanHandlers:
                 raise InvalidRequest(f"batch size {opening.batch_size} is outside 1..{self.limits.max_batch_size}")
             if not 0 < opening.max_length <= self.limits.max_session_length:
                 raise InvalidRequest(f"max_length {opening.max_length} is outside 1..{self.limits.max_session_length}")
+            adapter = parse_adapter(opening.adapter, runner, start, end, self.limits.max_lora_rank)
             async with self.budget.reserve(opening.batch_size * opening.max_length, CACHE_WAIT_TIMEOUT):
                 self.open_sessions += 1
                 try:
                     yield single_frame(pb.InferenceResponse(opened=pb.SessionOpened(max_length=opening.max_length)))
-                    async for frame in self._run_session(frames, opening, runner, start, end):
+                    async for frame in self._run_session(frames, opening, runner, adapter, start, end):
                         yield frame
                 finally:
                     self.open_sessions -= 1
@@ -110,7 +156,13 @@ class SpanHandlers:
                 yield frame
 
     async def _run_session(
-        self, frames: AsyncIterator[pb.Frame], opening: pb.SessionOpen, runner: SpanRunner, start: int, end: int
+        self,
+        frames: AsyncIterator[pb.Frame],
+        opening: pb.SessionOpen,
+        runner: SpanRunner,
+        adapter: ParsedAdapter | None,
+        start: int,
+        end: int,
     ) -> AsyncIterator[pb.Frame]:
         cache = DynamicCache()  # keys/values per block: (batch, kv_heads, position, head_dim)
         response_codec = check_codec(opening.response_codec)
@@ -138,7 +190,7 @@ class SpanHandlers:
             if step.position < position:
                 cache.crop(step.position - position)  # crop takes a negative count: drop the last tokens
             position = step.position
-            compute = functools.partial(runner, hidden, start, end, position=position, cache=cache)
+            compute = functools.partial(_run_frozen, runner, hidden, start, end, adapter, position, cache)
             output = await self.worker.submit(PRIORITY_INFERENCE, compute)
             position += hidden.shape[1]
             result = pb.StepResult(hidden_states=encode(output, response_codec), position=position, step_id=step.step_id)
@@ -152,21 +204,40 @@ class SpanHandlers:
             )
         return span.start, span.end
 
-    def _check_hidden(self, message: pb.Tensor) -> torch.Tensor:
-        """Hidden states (batch, seq, hidden) within this server's limits, finite."""
+    def _check_hidden(self, message: pb.Tensor, what: str = "hidden states") -> torch.Tensor:
+        """Hidden states or their gradients (batch, seq, hidden) within this server's limits, finite."""
         hidden = decode(message, max_elements=self.limits.max_tokens_per_request * self.hidden_size)
         if hidden.ndim != 3 or hidden.shape[2] != self.hidden_size:
-            raise InvalidRequest(f"hidden states must have shape (batch, seq, {self.hidden_size}), got {tuple(hidden.shape)}")
+            raise InvalidRequest(f"{what} must have shape (batch, seq, {self.hidden_size}), got {tuple(hidden.shape)}")
         batch, seq_len, _ = hidden.shape
         if batch == 0 or seq_len == 0:
-            raise InvalidRequest(f"hidden states of shape {tuple(hidden.shape)} are empty")
+            raise InvalidRequest(f"{what} of shape {tuple(hidden.shape)} are empty")
         if batch > self.limits.max_batch_size:
             raise InvalidRequest(f"batch {batch} exceeds the limit {self.limits.max_batch_size}")
         if batch * seq_len > self.limits.max_tokens_per_request:
             raise InvalidRequest(f"{batch * seq_len} tokens in one request exceed the limit {self.limits.max_tokens_per_request}")
         if not torch.isfinite(hidden).all():
-            raise InvalidRequest("hidden states contain NaN or Inf")
+            raise InvalidRequest(f"{what} contain NaN or Inf")
         return hidden
+
+
+def _run_frozen(
+    runner: SpanRunner,
+    hidden: torch.Tensor,
+    start: int,
+    end: int,
+    adapter: ParsedAdapter | None,
+    position: int = 0,
+    cache: DynamicCache | None = None,
+) -> torch.Tensor:
+    """Blocks [start, end) without autograd, with the caller's adapter if any."""
+    with torch.inference_mode(), applied(runner, adapter, start, position=position):
+        return runner(hidden, start, end, position=position, cache=cache)
+
+
+def _caller(context: object) -> str:
+    """The caller's peer id: kept forwards are only ever found again by the same caller."""
+    return str(context.remote_id)  # type: ignore[attr-defined]
 
 
 def single_frame(message: pb.InferenceResponse) -> pb.Frame:

@@ -26,6 +26,7 @@ from swarm.version import __version__
 from swarm.wire import swarm_rpc_pb2 as pb
 from swarm.wire.codecs import CODECS
 from swarm.server.announcer import Announcer
+from swarm.server.backprop import ActivationStore
 from swarm.server.block_loader import load_span_layers
 from swarm.server.cache_budget import CacheBudget
 from swarm.server.compute_worker import ComputeWorker
@@ -161,6 +162,7 @@ class Server:
             max_batch_size=cfg.max_batch_size,
             max_tokens_per_request=cfg.max_tokens_per_request,
             max_session_length=cfg.max_session_length,
+            max_lora_rank=cfg.max_lora_rank,
         )
         info = pb.InfoResponse(
             version=__version__,
@@ -172,8 +174,10 @@ class Server:
             max_batch_size=limits.max_batch_size,
             max_tokens_per_request=limits.max_tokens_per_request,
             max_session_length=limits.max_session_length,
+            max_lora_rank=limits.max_lora_rank,
         )
-        handlers = SpanHandlers(runner=self.runner, worker=worker, budget=budget, limits=limits, info=info)
+        activations = ActivationStore(cfg.activation_store_mb << 20)
+        handlers = SpanHandlers(runner=self.runner, worker=worker, budget=budget, limits=limits, info=info, activations=activations)
         p2p = await self.dht.replicate_p2p()
         await handlers.register(p2p)
         self.announcer.cache_tokens_left = lambda: budget.tokens_left

@@ -30,7 +30,6 @@ class SpanRunner(nn.Module):
         self.rotary = family.rotary_class(config)(config=config)
         self.attention_kinds = family.attention_kinds(config)
 
-    @torch.inference_mode()
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -43,6 +42,7 @@ class SpanRunner(nn.Module):
 
         With a cache, the tokens are appended to it at `position` (the caller rolls it back first
         if needed); without one, `position` must be 0 and the sequence is processed whole.
+        Autograd follows the caller's mode: handlers run inference under torch.inference_mode().
         """
         dtype = self.layers[0].input_layernorm.weight.dtype
         hidden_states = hidden_states.to(dtype)

@@ -3,8 +3,10 @@
     swarm.info        unary   InfoRequest -> InfoResponse
     swarm.forward     stream  frames of ForwardRequest -> frames of ForwardResponse
     swarm.inference   stream  frames of InferenceRequest (open, step...) -> frames of InferenceResponse
+    swarm.backward    stream  frames of BackwardRequest -> frames of BackwardResponse
 """
 
 RPC_INFO = "swarm.info"
 RPC_FORWARD = "swarm.forward"
 RPC_INFERENCE = "swarm.inference"
+RPC_BACKWARD = "swarm.backward"

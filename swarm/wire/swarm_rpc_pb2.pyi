@@ -62,7 +62,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("version", "dht_prefix", "span", "hidden_size", "torch_dtype", "cache_tokens_left", "codecs", "max_batch_size", "max_tokens_per_request", "max_session_length")
+    __slots__ = ("version", "dht_prefix", "span", "hidden_size", "torch_dtype", "cache_tokens_left", "codecs", "max_batch_size", "max_tokens_per_request", "max_session_length", "max_lora_rank")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DHT_PREFIX_FIELD_NUMBER: _ClassVar[int]
     SPAN_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,7 @@ class InfoResponse(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_SESSION_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_LORA_RANK_FIELD_NUMBER: _ClassVar[int]
     version: str
     dht_prefix: str
     span: Span
@@ -83,17 +84,78 @@ class InfoResponse(_message.Message):
     max_batch_size: int
     max_tokens_per_request: int
     max_session_length: int
-    def __init__(self, version: _Optional[str] = ..., dht_prefix: _Optional[str] = ..., span: _Optional[_Union[Span, _Mapping]] = ..., hidden_size: _Optional[int] = ..., torch_dtype: _Optional[str] = ..., cache_tokens_left: _Optional[int] = ..., codecs: _Optional[_Iterable[str]] = ..., max_batch_size: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., max_session_length: _Optional[int] = ...) -> None: ...
+    max_lora_rank: int
+    def __init__(self, version: _Optional[str] = ..., dht_prefix: _Optional[str] = ..., span: _Optional[_Union[Span, _Mapping]] = ..., hidden_size: _Optional[int] = ..., torch_dtype: _Optional[str] = ..., cache_tokens_left: _Optional[int] = ..., codecs: _Optional[_Iterable[str]] = ..., max_batch_size: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., max_session_length: _Optional[int] = ..., max_lora_rank: _Optional[int] = ...) -> None: ...
+
+class NamedTensor(_message.Message):
+    __slots__ = ("name", "tensor")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    tensor: Tensor
+    def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class Adapter(_message.Message):
+    __slots__ = ("lora_rank", "lora_alpha", "lora_dropout", "use_rslora", "lora", "deep_prompts")
+    LORA_RANK_FIELD_NUMBER: _ClassVar[int]
+    LORA_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    LORA_DROPOUT_FIELD_NUMBER: _ClassVar[int]
+    USE_RSLORA_FIELD_NUMBER: _ClassVar[int]
+    LORA_FIELD_NUMBER: _ClassVar[int]
+    DEEP_PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    lora_rank: int
+    lora_alpha: float
+    lora_dropout: float
+    use_rslora: bool
+    lora: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    deep_prompts: Tensor
+    def __init__(self, lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., use_rslora: _Optional[bool] = ..., lora: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., deep_prompts: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("span", "hidden_states", "response_codec")
+    __slots__ = ("span", "hidden_states", "response_codec", "adapter", "forward_id", "dropout_seed")
     SPAN_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_CODEC_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_ID_FIELD_NUMBER: _ClassVar[int]
+    DROPOUT_SEED_FIELD_NUMBER: _ClassVar[int]
     span: Span
     hidden_states: Tensor
     response_codec: str
-    def __init__(self, span: _Optional[_Union[Span, _Mapping]] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., response_codec: _Optional[str] = ...) -> None: ...
+    adapter: Adapter
+    forward_id: int
+    dropout_seed: int
+    def __init__(self, span: _Optional[_Union[Span, _Mapping]] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., response_codec: _Optional[str] = ..., adapter: _Optional[_Union[Adapter, _Mapping]] = ..., forward_id: _Optional[int] = ..., dropout_seed: _Optional[int] = ...) -> None: ...
+
+class BackwardRequest(_message.Message):
+    __slots__ = ("span", "hidden_states", "grad_outputs", "response_codec", "adapter", "forward_id", "dropout_seed")
+    SPAN_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
+    GRAD_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_CODEC_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_ID_FIELD_NUMBER: _ClassVar[int]
+    DROPOUT_SEED_FIELD_NUMBER: _ClassVar[int]
+    span: Span
+    hidden_states: Tensor
+    grad_outputs: Tensor
+    response_codec: str
+    adapter: Adapter
+    forward_id: int
+    dropout_seed: int
+    def __init__(self, span: _Optional[_Union[Span, _Mapping]] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., grad_outputs: _Optional[_Union[Tensor, _Mapping]] = ..., response_codec: _Optional[str] = ..., adapter: _Optional[_Union[Adapter, _Mapping]] = ..., forward_id: _Optional[int] = ..., dropout_seed: _Optional[int] = ...) -> None: ...
+
+class BackwardResponse(_message.Message):
+    __slots__ = ("grad_inputs", "lora_grads", "deep_prompt_grads", "error")
+    GRAD_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    LORA_GRADS_FIELD_NUMBER: _ClassVar[int]
+    DEEP_PROMPT_GRADS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    grad_inputs: Tensor
+    lora_grads: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    deep_prompt_grads: Tensor
+    error: Error
+    def __init__(self, grad_inputs: _Optional[_Union[Tensor, _Mapping]] = ..., lora_grads: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., deep_prompt_grads: _Optional[_Union[Tensor, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("hidden_states", "error")
@@ -112,16 +174,18 @@ class InferenceRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[SessionOpen, _Mapping]] = ..., step: _Optional[_Union[InferenceStep, _Mapping]] = ...) -> None: ...
 
 class SessionOpen(_message.Message):
-    __slots__ = ("span", "max_length", "batch_size", "response_codec")
+    __slots__ = ("span", "max_length", "batch_size", "response_codec", "adapter")
     SPAN_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_CODEC_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     span: Span
     max_length: int
     batch_size: int
     response_codec: str
-    def __init__(self, span: _Optional[_Union[Span, _Mapping]] = ..., max_length: _Optional[int] = ..., batch_size: _Optional[int] = ..., response_codec: _Optional[str] = ...) -> None: ...
+    adapter: Adapter
+    def __init__(self, span: _Optional[_Union[Span, _Mapping]] = ..., max_length: _Optional[int] = ..., batch_size: _Optional[int] = ..., response_codec: _Optional[str] = ..., adapter: _Optional[_Union[Adapter, _Mapping]] = ...) -> None: ...
 
 class InferenceStep(_message.Message):
     __slots__ = ("hidden_states", "position", "step_id")

@@ -1,0 +1,156 @@
+"""Client-owned adapters for the remote blocks: LoRA (peft's config and file format) and prompts.
+
+The weights are ordinary trainable parameters on the client, so any torch optimizer works; each
+request carries the ones for its blocks (swarm.rpc.Adapter), and the servers return their
+gradients. Which modules get LoRA is decided by peft itself (`check_target_module_exists`) on
+the module names a local peft model would have; the files are peft's (adapter_config.json,
+adapter_model.safetensors with peft's tensor names), so an adapter trained here loads into a
+plain local peft model, and one trained with peft loads here.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from peft.tuners.tuners_utils import check_target_module_exists
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PretrainedConfig
+
+from swarm.errors import ConfigError
+from swarm.families import ModelFamily
+from swarm.wire import swarm_rpc_pb2 as pb
+from swarm.wire.codecs import encode
+from swarm.client.remote_calls import Gradients
+
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # what peft puts before the transformers module names
+
+
+class RemoteLora(nn.Module):
+    """One LoRA adapter for every remote block: A (rank, in) and B (out, rank) per targeted linear layer."""
+
+    def __init__(self, peft_config: LoraConfig, model_config: PretrainedConfig, family: ModelFamily):
+        super().__init__()
+        if not isinstance(peft_config, LoraConfig):
+            raise ConfigError(f"only LoRA adapters are supported, got {type(peft_config).__name__}")
+        if peft_config.use_dora or peft_config.bias != "none":
+            raise ConfigError("DoRA and LoRA biases are not supported by remote blocks")
+        self.peft_config = peft_config
+        self.rank = peft_config.r
+        self.targets: list[tuple[int, str]] = []  # (global block, module path inside the block)
+        self.weights = nn.ParameterDict()
+        with torch.device("meta"):
+            layer = family.layer_class(model_config)(model_config, layer_idx=0)
+        linears = {name: module for name, module in layer.named_modules() if isinstance(module, nn.Linear)}
+        for block in range(model_config.num_hidden_layers):
+            for path, linear in linears.items():
+                if not check_target_module_exists(peft_config, f"{family.layer_key_prefix}{block}.{path}"):
+                    continue
+                self.targets.append((block, path))
+                lora_a = torch.empty(self.rank, linear.in_features)
+                lora_b = torch.empty(linear.out_features, self.rank)
+                nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))  # peft's init: A like nn.Linear, B zero
+                if peft_config.init_lora_weights is False:
+                    nn.init.kaiming_uniform_(lora_b, a=math.sqrt(5))
+                elif peft_config.init_lora_weights is True:
+                    nn.init.zeros_(lora_b)
+                else:
+                    raise ConfigError(f"init_lora_weights={peft_config.init_lora_weights!r} is not supported (use True or False)")
+                self.weights[_key(block, path, "lora_A")] = nn.Parameter(lora_a)
+                self.weights[_key(block, path, "lora_B")] = nn.Parameter(lora_b)
+        if not self.targets:
+            raise ConfigError(f"target_modules {peft_config.target_modules!r} match no linear layer of the remote blocks")
+        self.layer_key_prefix = family.layer_key_prefix
+
+    def names(self) -> list[str]:
+        """Wire names, in the order of `tensors()`."""
+        return [f"{block}.{path}.{kind}" for block, path in self.targets for kind in ("lora_A", "lora_B")]
+
+    def tensors(self) -> list[nn.Parameter]:
+        return [self.weights[_key(block, path, kind)] for block, path in self.targets for kind in ("lora_A", "lora_B")]
+
+    def fill(self, message: pb.Adapter, start: int, end: int) -> None:
+        config = self.peft_config
+        message.lora_rank, message.lora_alpha = self.rank, config.lora_alpha
+        message.lora_dropout, message.use_rslora = config.lora_dropout, bool(config.use_rslora)
+        for block, path in self.targets:
+            if start <= block < end:
+                for kind in ("lora_A", "lora_B"):
+                    tensor = self.weights[_key(block, path, kind)].detach()
+                    message.lora.add(name=f"{block}.{path}.{kind}", tensor=encode(tensor, "none"))
+
+    def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights under the names peft saves them with."""
+        return {
+            f"{PEFT_PREFIX}{self.layer_key_prefix}{block}.{path}.{kind}.weight": self.weights[_key(block, path, kind)].detach().clone()
+            for block, path in self.targets
+            for kind in ("lora_A", "lora_B")
+        }
+
+    def load_peft_state_dict(self, state: dict[str, torch.Tensor], source: str) -> None:
+        expected = self.peft_state_dict()
+        missing, unexpected = set(expected) - set(state), set(state) - set(expected)
+        if missing or unexpected:
+            raise ConfigError(f"{source} does not fit this model: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+        with torch.no_grad():
+            for block, path in self.targets:
+                for kind in ("lora_A", "lora_B"):
+                    name = f"{PEFT_PREFIX}{self.layer_key_prefix}{block}.{path}.{kind}.weight"
+                    target = self.weights[_key(block, path, kind)]
+                    if state[name].shape != target.shape:
+                        raise ConfigError(f"{source}: {name} has shape {tuple(state[name].shape)}, expected {tuple(target.shape)}")
+                    target.copy_(state[name])
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.peft_config.save_pretrained(str(directory))
+        save_file(self.peft_state_dict(), str(directory / PEFT_WEIGHTS), metadata={"format": "pt"})
+
+    @classmethod
+    def load(cls, directory: Path, model_config: PretrainedConfig, family: ModelFamily) -> RemoteLora:
+        if not (directory / PEFT_WEIGHTS).is_file():
+            raise ConfigError(f"{directory} has no {PEFT_WEIGHTS}")
+        lora = cls(LoraConfig.from_pretrained(str(directory)), model_config, family)
+        lora.load_peft_state_dict(load_file(str(directory / PEFT_WEIGHTS)), str(directory))
+        return lora
+
+
+def _key(block: int, path: str, kind: str) -> str:
+    """A ParameterDict key (no dots allowed) for one LoRA matrix."""
+    return f"{block}__{path.replace('.', '__')}__{kind}"
+
+
+class RequestAdapter:
+    """What the model's active tuning adds to requests: LoRA and/or deep prompts (blocks, length, hidden)."""
+
+    def __init__(self, lora: RemoteLora | None, deep_prompts: nn.Parameter | None):
+        self.lora = lora
+        self.deep_prompts = deep_prompts
+
+    def tensors(self) -> list[torch.Tensor]:
+        found: list[torch.Tensor] = list(self.lora.tensors()) if self.lora is not None else []
+        return found + ([self.deep_prompts] if self.deep_prompts is not None else [])
+
+    def message(self, start: int, end: int) -> pb.Adapter:
+        message = pb.Adapter()
+        if self.lora is not None:
+            self.lora.fill(message, start, end)
+        if self.deep_prompts is not None:
+            message.deep_prompts.CopyFrom(encode(self.deep_prompts[start:end].detach(), "none"))
+        return message
+
+    def gradients(self, grads: Gradients) -> list[torch.Tensor | None]:
+        """Gradients aligned with `tensors()` (None where no server returned one)."""
+        found: list[torch.Tensor | None] = []
+        if self.lora is not None:
+            found += [grads.lora.get(name) for name in self.lora.names()]
+        if self.deep_prompts is not None:
+            full = torch.zeros_like(self.deep_prompts)
+            for start, grad in grads.deep_prompts.items():
+                full[start : start + grad.shape[0]] = grad
+            found.append(full)
+        return found

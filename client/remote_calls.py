@@ -1,0 +1,166 @@
+"""Stateless calls through the swarm: forward (optionally kept for backward) and backward.
+
+Both reroute around failed servers through `with_rerouting`. A forward returns, besides its
+output, a trace of the hops it took (server, blocks, inputs, id of the kept activations), which
+is what backward walks in reverse. If a server from the trace is gone by then, backward recomputes
+that hop's blocks elsewhere from the inputs in the trace: the gradients are the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+from collections.abc import AsyncIterator, Iterable
+from typing import Protocol, TypeVar
+
+import torch
+from google.protobuf.message import Message
+
+from swarm.errors import RemoteError
+from swarm.limits import STEP_TIMEOUT
+from swarm.transport import open_stream, raise_for_error, translate_errors
+from swarm.wire import swarm_rpc_pb2 as pb
+from swarm.wire.codecs import decode, encode
+from swarm.wire.frames import read_message, to_frames
+from swarm.wire.rpc import RPC_BACKWARD, RPC_FORWARD
+from swarm.client.retry import BLAMABLE, ServerFailure, with_rerouting
+from swarm.client.routing import RouteHop
+from swarm.client.swarm_client import SwarmClient
+
+ResponseT = TypeVar("ResponseT", bound=Message)
+
+
+class AdapterPayload(Protocol):
+    """What a request carries of the client's adapter, for blocks [start, end)."""
+
+    def message(self, start: int, end: int) -> pb.Adapter: ...
+
+
+@dataclasses.dataclass
+class TracedHop:
+    hop: RouteHop
+    inputs: torch.Tensor  # (batch, seq, hidden) sent to this hop
+    forward_id: int  # 0: nothing kept on the server
+
+
+@dataclasses.dataclass
+class Gradients:
+    inputs: torch.Tensor
+    lora: dict[str, torch.Tensor]  # by wire name
+    deep_prompts: dict[int, torch.Tensor]  # by the first block of each hop: (hop blocks, length, hidden)
+
+
+async def forward_async(
+    client: SwarmClient, hidden_states: torch.Tensor, start: int, end: int,
+    adapter: AdapterPayload | None = None, keep: bool = False, seed: int = 0,
+) -> tuple[torch.Tensor, list[TracedHop]]:
+    """Hidden states (batch, seq, hidden) through blocks [start, end); with `keep`, servers keep
+    the activations for backward. Returns the output and the hops it took."""
+    position, state = start, hidden_states
+    trace: list[TracedHop] = []
+
+    async def attempt() -> None:
+        # Resumes after the last hop that succeeded: a failure costs only the failed hop.
+        nonlocal position, state
+        for hop in await client.forward_route(position, end):
+            forward_id = random.getrandbits(63) + 1 if keep else 0
+            request = pb.ForwardRequest(
+                span=pb.Span(start=hop.start, end=hop.end),
+                hidden_states=encode(state, client.codecs.send),
+                response_codec=client.codecs.receive,
+                forward_id=forward_id,
+                dropout_seed=seed,
+            )
+            if adapter is not None:
+                request.adapter.CopyFrom(adapter.message(hop.start, hop.end))
+            reply = await _call(client, hop, RPC_FORWARD, request, pb.ForwardResponse)
+            trace.append(TracedHop(hop, state, forward_id))
+            state = decode(reply.hidden_states)
+            position = hop.end
+
+    await with_rerouting(attempt, client.bans, f"forward through blocks {start}:{end}")
+    return state, trace
+
+
+async def backward_async(
+    client: SwarmClient, trace: list[TracedHop], grad_outputs: torch.Tensor, adapter: AdapterPayload | None, seed: int
+) -> Gradients:
+    """Gradients along a forward's trace, in reverse; a hop whose server fails is recomputed elsewhere."""
+    gradients = Gradients(grad_outputs, {}, {})
+    for traced in reversed(trace):
+        try:
+            await _backward_hop(client, traced.hop, traced.inputs, traced.forward_id, gradients, adapter, seed)
+        except ServerFailure as failure:
+            client.bans.ban(failure.peer_id)
+            await _backward_elsewhere(client, traced, gradients, adapter, seed)
+    return gradients
+
+
+async def _backward_elsewhere(client: SwarmClient, traced: TracedHop, gradients: Gradients,
+                              adapter: AdapterPayload | None, seed: int) -> None:
+    """Backward through `traced`'s blocks on other servers: forward again to get each new hop's inputs."""
+
+    async def attempt() -> None:
+        route = await client.forward_route(traced.hop.start, traced.hop.end)
+        inputs, state = [], traced.inputs
+        for hop in route[:-1]:
+            inputs.append(state)
+            request = pb.ForwardRequest(span=pb.Span(start=hop.start, end=hop.end), hidden_states=encode(state, client.codecs.send),
+                                        response_codec=client.codecs.receive, dropout_seed=seed)
+            if adapter is not None:
+                request.adapter.CopyFrom(adapter.message(hop.start, hop.end))
+            state = decode((await _call(client, hop, RPC_FORWARD, request, pb.ForwardResponse)).hidden_states)
+        inputs.append(state)
+        saved = dataclasses.replace(gradients, lora=dict(gradients.lora), deep_prompts=dict(gradients.deep_prompts))
+        try:
+            for hop, hop_inputs in reversed(list(zip(route, inputs))):
+                await _backward_hop(client, hop, hop_inputs, 0, gradients, adapter, seed)
+        except ServerFailure:
+            gradients.inputs, gradients.lora, gradients.deep_prompts = saved.inputs, saved.lora, saved.deep_prompts
+            raise
+
+    await with_rerouting(attempt, client.bans, f"backward through blocks {traced.hop.start}:{traced.hop.end}")
+
+
+async def _backward_hop(client: SwarmClient, hop: RouteHop, inputs: torch.Tensor, forward_id: int,
+                        gradients: Gradients, adapter: AdapterPayload | None, seed: int) -> None:
+    request = pb.BackwardRequest(
+        span=pb.Span(start=hop.start, end=hop.end),
+        hidden_states=encode(inputs, client.codecs.send),
+        grad_outputs=encode(gradients.inputs, client.codecs.send),
+        response_codec=client.codecs.receive,
+        forward_id=forward_id,
+        dropout_seed=seed,
+    )
+    if adapter is not None:
+        request.adapter.CopyFrom(adapter.message(hop.start, hop.end))
+    reply = await _call(client, hop, RPC_BACKWARD, request, pb.BackwardResponse)
+    gradients.inputs = decode(reply.grad_inputs)
+    for named in reply.lora_grads:
+        gradients.lora[named.name] = decode(named.tensor)
+    if reply.HasField("deep_prompt_grads"):
+        gradients.deep_prompts[hop.start] = decode(reply.deep_prompt_grads)
+
+
+async def _call(client: SwarmClient, hop: RouteHop, rpc: str, request: Message, response_type: type[ResponseT]) -> ResponseT:
+    """One streamed request/response to the hop's server; its failures become ServerFailure."""
+    client.in_flight[hop.peer_id] += 1
+    try:
+        replies = await open_stream(client.p2p, hop.peer_id, rpc, _aiter(to_frames(request)), STEP_TIMEOUT)
+        with translate_errors(hop.peer_id, rpc):
+            reply = await asyncio.wait_for(read_message(replies, response_type), STEP_TIMEOUT)
+        if reply is None:
+            raise RemoteError(hop.peer_id, f"closed the {rpc} stream without a reply")
+        if reply.HasField("error"):
+            raise_for_error(hop.peer_id, reply.error)
+        return reply
+    except BLAMABLE as e:
+        raise ServerFailure(hop.peer_id, e) from e
+    finally:
+        client.in_flight[hop.peer_id] -= 1
+
+
+async def _aiter(items: Iterable[pb.Frame]) -> AsyncIterator[pb.Frame]:
+    for item in items:
+        yield item

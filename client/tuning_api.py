@@ -1,0 +1,108 @@
+"""The adapter methods that transformers users know from its PEFT integration, for remote blocks.
+
+add_adapter / load_adapter / set_adapter / active_adapters / disable_adapters / enable_adapters /
+save_pretrained behave as on a transformers model with peft, except that the LoRA weights of the
+remote blocks live here, on the client (see adapters.py), and travel with each request. Prompt
+tuning (`tuning_mode="ptune"` or `"deep_ptune"` at from_pretrained) adds trainable prompts.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from torch import nn
+
+from swarm.errors import ConfigError
+from swarm.families import family_of
+from swarm.client.adapters import RemoteLora, RequestAdapter
+
+TUNING_MODES = ("ptune", "deep_ptune")
+
+
+class SwarmTuningMixin:
+    """Mixed into the distributed model classes before the transformers class."""
+
+    swarm_adapters: nn.ModuleDict
+    _active_adapter: str | None = None
+    _adapters_enabled: bool = True
+
+    def setup_tuning(self, tuning_mode: str | None, pre_seq_len: int) -> None:
+        """Called by from_pretrained: adapter storage, and prompts for prompt tuning."""
+        self.swarm_adapters = nn.ModuleDict()
+        self.prompt_embeddings: nn.Embedding | None = None  # (pre_seq_len, hidden): ptune and deep_ptune
+        self.deep_prompts: nn.Parameter | None = None  # (blocks, pre_seq_len, hidden): deep_ptune
+        if tuning_mode is None:
+            return
+        if tuning_mode not in TUNING_MODES:
+            raise ConfigError(f"tuning_mode must be one of {', '.join(TUNING_MODES)} or None, got {tuning_mode!r}")
+        if pre_seq_len <= 0:
+            raise ConfigError("prompt tuning needs pre_seq_len > 0")
+        self.requires_grad_(False)
+        hidden = self.config.hidden_size
+        self.prompt_embeddings = nn.Embedding(pre_seq_len, hidden)
+        nn.init.normal_(self.prompt_embeddings.weight, std=self.config.initializer_range)
+        if tuning_mode == "deep_ptune":
+            self.deep_prompts = nn.Parameter(torch.zeros(self.config.num_hidden_layers, pre_seq_len, hidden))
+
+    @property
+    def pre_seq_len(self) -> int:
+        return self.prompt_embeddings.num_embeddings if self.prompt_embeddings is not None else 0
+
+    def add_adapter(self, adapter_config: LoraConfig, adapter_name: str = "default") -> None:
+        """A new LoRA for the remote blocks, initialised as peft does; it becomes the active adapter."""
+        if adapter_name in self.swarm_adapters:
+            raise ConfigError(f"an adapter named {adapter_name!r} exists already")
+        lora = RemoteLora(adapter_config, self.config, family_of(self.config))
+        self._register_adapter(adapter_name, lora, trainable=True)
+
+    def load_adapter(self, peft_model_id: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False) -> None:
+        """A peft adapter from a local directory (adapter_config.json, adapter_model.safetensors)."""
+        directory = Path(peft_model_id)
+        if not directory.is_dir():
+            raise ConfigError(f"adapter directory {directory} does not exist")
+        if adapter_name in self.swarm_adapters:
+            raise ConfigError(f"an adapter named {adapter_name!r} exists already")
+        lora = RemoteLora.load(directory, self.config, family_of(self.config))
+        self._register_adapter(adapter_name, lora, trainable=is_trainable)
+
+    def _register_adapter(self, adapter_name: str, lora: RemoteLora, trainable: bool) -> None:
+        if not self.swarm_adapters:
+            self.requires_grad_(False)  # as with peft: the base stays frozen, only adapters train
+        lora.requires_grad_(trainable)
+        self.swarm_adapters[adapter_name] = lora
+        self._active_adapter = adapter_name
+        self._adapters_enabled = True
+
+    def set_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.swarm_adapters:
+            raise ConfigError(f"no adapter named {adapter_name!r} (known: {', '.join(self.swarm_adapters) or 'none'})")
+        self._active_adapter = adapter_name
+        self._adapters_enabled = True
+
+    def active_adapters(self) -> list[str]:
+        return [self._active_adapter] if self._active_adapter is not None and self._adapters_enabled else []
+
+    def disable_adapters(self) -> None:
+        self._adapters_enabled = False
+
+    def enable_adapters(self) -> None:
+        self._adapters_enabled = True
+
+    def request_adapter(self) -> RequestAdapter | None:
+        """What requests carry now: the active LoRA (if enabled) and deep prompts (if any)."""
+        lora = self.swarm_adapters[self._active_adapter] if self.active_adapters() else None
+        if lora is None and self.deep_prompts is None:
+            return None
+        return RequestAdapter(lora, self.deep_prompts)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **_: object) -> None:
+        """Save the adapters in peft's format: the active one (or "default") at the top, others in subfolders."""
+        if not self.swarm_adapters:
+            raise ConfigError("nothing to save: the base model lives on the servers; add or load an adapter first")
+        directory = Path(save_directory)
+        main = self._active_adapter if self._active_adapter is not None else next(iter(self.swarm_adapters))
+        for name, lora in self.swarm_adapters.items():
+            lora.save(directory if name == main else directory / name)
