@@ -17,7 +17,7 @@ from typing import Protocol, TypeVar
 import torch
 from google.protobuf.message import Message
 
-from swarm.errors import RemoteError
+from swarm.errors import PeerTimeout, RemoteError
 from swarm.limits import STEP_TIMEOUT
 from swarm.transport import open_stream, raise_for_error, translate_errors
 from swarm.wire import swarm_rpc_pb2 as pb
@@ -144,21 +144,44 @@ async def _backward_hop(client: SwarmClient, hop: RouteHop, inputs: torch.Tensor
 
 
 async def _call(client: SwarmClient, hop: RouteHop, rpc: str, request: Message, response_type: type[ResponseT]) -> ResponseT:
-    """One streamed request/response to the hop's server; its failures become ServerFailure."""
+    """One streamed request/response to the hop's server; its failures become ServerFailure.
+
+    A broken connection is tried once more at once: a transient transport error (seen: a
+    BrokenPipeError on a healthy server) should not cost a ban and a reroute.
+    """
     client.in_flight[hop.peer_id] += 1
+    try:
+        for attempt in range(2):
+            try:
+                return await _call_once(client, hop, rpc, request, response_type)
+            except TransportFailure as e:
+                if attempt == 1:
+                    raise ServerFailure(hop.peer_id, e) from e
+            except BLAMABLE as e:
+                raise ServerFailure(hop.peer_id, e) from e
+        raise AssertionError("unreachable")
+    finally:
+        client.in_flight[hop.peer_id] -= 1
+
+
+class TransportFailure(RemoteError):
+    """The connection failed (as opposed to the server answering with an error)."""
+
+
+async def _call_once(client: SwarmClient, hop: RouteHop, rpc: str, request: Message, response_type: type[ResponseT]) -> ResponseT:
     try:
         replies = await open_stream(client.p2p, hop.peer_id, rpc, _aiter(to_frames(request)), STEP_TIMEOUT)
         with translate_errors(hop.peer_id, rpc):
             reply = await asyncio.wait_for(read_message(replies, response_type), STEP_TIMEOUT)
-        if reply is None:
-            raise RemoteError(hop.peer_id, f"closed the {rpc} stream without a reply")
-        if reply.HasField("error"):
-            raise_for_error(hop.peer_id, reply.error)
-        return reply
-    except BLAMABLE as e:
-        raise ServerFailure(hop.peer_id, e) from e
-    finally:
-        client.in_flight[hop.peer_id] -= 1
+    except RemoteError as e:
+        if isinstance(e, PeerTimeout):
+            raise
+        raise TransportFailure(hop.peer_id, str(e)) from e
+    if reply is None:
+        raise RemoteError(hop.peer_id, f"closed the {rpc} stream without a reply")
+    if reply.HasField("error"):
+        raise_for_error(hop.peer_id, reply.error)
+    return reply
 
 
 async def _aiter(items: Iterable[pb.Frame]) -> AsyncIterator[pb.Frame]:

@@ -93,3 +93,77 @@ def test_prompt_gradients_match_local(family_swarm):
         torch.testing.assert_close(remote.deep_prompts.grad, deep.grad, atol=1e-5, rtol=1e-4)
     finally:
         remote.swarm_client.shutdown()
+
+
+def test_training_lowers_the_loss_and_the_adapter_round_trips_through_peft(family_swarm, tmp_path):
+    path, swarm = family_swarm
+    remote = remote_model(path, swarm)
+    try:
+        remote.add_adapter(LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]), adapter_name="trained")
+        optimizer = torch.optim.Adam([p for p in remote.parameters() if p.requires_grad], lr=1e-2)
+        ids, labels = batch()
+        losses = []
+        for _ in range(10):
+            optimizer.zero_grad()
+            loss = remote(ids, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        assert losses[-1] < losses[0] - 0.4, losses
+
+        remote.save_pretrained(tmp_path / "adapter")
+        assert {f.name for f in (tmp_path / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+        local = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tmp_path / "adapter")
+        with torch.no_grad():
+            torch.testing.assert_close(remote(ids).logits, local(ids).logits, atol=1e-4, rtol=0)
+            remote.disable_adapters()
+            plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            torch.testing.assert_close(remote(ids).logits, plain(ids).logits, atol=1e-4, rtol=0)
+            remote.enable_adapters()
+            # Generation uses the adapter too, through the servers' sessions.
+            expected = local.generate(input_ids=ids[:1, :5], max_new_tokens=8, do_sample=False, eos_token_id=None)
+            assert torch.equal(remote.generate(ids[:1, :5], max_new_tokens=8, do_sample=False, eos_token_id=None), expected)
+    finally:
+        remote.swarm_client.shutdown()
+
+
+def test_an_adapter_trained_with_local_peft_loads_into_the_swarm(family_swarm, tmp_path):
+    path, swarm = family_swarm
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=["o_proj", "down_proj"], init_lora_weights=False)
+    local = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), config)
+    local.save_pretrained(tmp_path / "local-adapter")
+    remote = remote_model(path, swarm)
+    try:
+        remote.load_adapter(tmp_path / "local-adapter", adapter_name="imported")
+        assert remote.active_adapters() == ["imported"]
+        ids, _ = batch()
+        with torch.no_grad():
+            torch.testing.assert_close(remote(ids).logits, local(ids).logits, atol=1e-4, rtol=0)
+    finally:
+        remote.swarm_client.shutdown()
+
+
+def test_two_clients_training_different_adapters_do_not_mix(family_swarm):
+    """Two clients interleave forward and backward on the same servers; each gets its own gradients."""
+    path, swarm = family_swarm
+    clients = [remote_model(path, swarm), remote_model(path, swarm)]
+    try:
+        ids, labels = batch()
+        for seed, client in enumerate(clients):
+            torch.manual_seed(seed)
+            client.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False))
+        losses = [client(ids, labels=labels).loss for client in clients]  # both forwards kept on the servers
+        for loss in reversed(losses):
+            loss.backward()
+        for client in clients:
+            config = client.swarm_adapters["default"].peft_config
+            local = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), config)
+            set_peft_model_state_dict(local, client.swarm_adapters["default"].peft_state_dict())
+            local(ids, labels=labels).loss.backward()
+            expected = {n.replace(".default", ""): p.grad for n, p in local.named_parameters() if p.requires_grad}
+            lora = client.swarm_adapters["default"]
+            for name, tensor in zip(lora.peft_state_dict(), lora.tensors()):
+                torch.testing.assert_close(tensor.grad, expected[name], atol=1e-5, rtol=1e-4)
+    finally:
+        for client in clients:
+            client.swarm_client.shutdown()
