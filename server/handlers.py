@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import time
 import logging
 from collections.abc import AsyncIterator
 
@@ -86,7 +87,9 @@ class SpanHandlers:
             adapter = parse_adapter(request.adapter, runner, start, end, self.limits.max_lora_rank)
             if request.forward_id:
                 compute = functools.partial(forward_for_backward, runner, hidden, start, end, adapter, request.dropout_seed)
+                began = time.perf_counter()
                 kept = await self.worker.submit(PRIORITY_FORWARD, compute)
+                logger.debug("forward (kept) compute for blocks %d:%d took %.3f s", start, end, time.perf_counter() - began)
                 self.activations.put((_caller(context), request.forward_id), kept)
                 output = kept.output.detach()
             else:
@@ -111,13 +114,16 @@ class SpanHandlers:
             if grad_outputs.shape != hidden.shape:
                 raise InvalidRequest(f"gradients of shape {tuple(grad_outputs.shape)} do not match the inputs' {tuple(hidden.shape)}")
             kept = self.activations.pop((_caller(context), request.forward_id)) if request.forward_id else None
+            logger.debug("backward for blocks %d:%d: %s", start, end, "kept forward" if kept is not None else "recompute")
             if kept is None or kept.inputs.shape != hidden.shape:
                 adapter = parse_adapter(request.adapter, runner, start, end, self.limits.max_lora_rank)
                 compute = functools.partial(forward_for_backward, runner, hidden, start, end, adapter, request.dropout_seed)
                 kept = await self.worker.submit(PRIORITY_FORWARD, compute)
+            began = time.perf_counter()
             grad_inputs, lora_grads, prompt_grads = await self.worker.submit(
                 PRIORITY_FORWARD, functools.partial(backward, kept, grad_outputs)
             )
+            logger.debug("backward compute for blocks %d:%d took %.3f s", start, end, time.perf_counter() - began)
             response = pb.BackwardResponse(
                 grad_inputs=encode(grad_inputs, response_codec),
                 lora_grads=[pb.NamedTensor(name=name, tensor=encode(grad)) for name, grad in lora_grads.items()],
