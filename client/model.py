@@ -89,6 +89,7 @@ class DistributedCausalLMMixin:
         The prompts go in once per sequence: always without a session, at the first step with one.
         Their positions are dropped from the logits, so outputs line up with the tokens.
         """
+        _check_padding(attention_mask, allow_right_padding=not isinstance(past_key_values, RemoteCache))
         prefix = self.pre_seq_len
         session = past_key_values.session if isinstance(past_key_values, RemoteCache) else None
         if prefix and (session is None or session.position == 0):
@@ -126,6 +127,19 @@ class DistributedCausalLMMixin:
         session.token_ids = output[:, : session.position - session.prefix_length]
         session.last_output = output
         return output
+
+
+def _check_padding(attention_mask: torch.Tensor | None, allow_right_padding: bool) -> None:
+    """Servers attend causally over all tokens sent: right padding is harmless (pads come after
+    the real tokens) in a forward pass, but left padding, or any padding while generating, is not."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return
+    right_padded = bool((attention_mask[:, :-1] >= attention_mask[:, 1:]).all())
+    if not (allow_right_padding and right_padded):
+        raise InvalidRequest(
+            "padded batches are supported only right-padded, in forward passes (e.g. training); "
+            "generate with equal-length prompts or one prompt at a time"
+        )
 
 
 def _common_prefix_length(seen: torch.Tensor | None, inputs: torch.Tensor) -> int:
