@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 READY_TIMEOUT = 120.0  # seconds: a server loads its blocks and joins the DHT
@@ -125,6 +126,23 @@ class LocalSwarm:
         for server in servers:
             server.wait_for_line("serving blocks")
         return servers
+
+    def start_health(self, port: int, *extra: str) -> str:
+        """swarm-health on 127.0.0.1:`port`; returns the page's URL once it serves."""
+        health = ManagedProcess([sys.executable, "-m", "swarm.health.cli", "--initial-peers", *self.initial_peers,
+                                 "--port", str(port), *extra])
+        self.processes.append(health)
+        health.wait_for_line("health page at")
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:  # uvicorn binds just after that line
+            try:
+                urllib.request.urlopen(url + "metrics", timeout=5).read()
+                return url
+            except OSError:
+                if time.monotonic() > deadline or health.popen.poll() is not None:
+                    raise RuntimeError("swarm-health did not start:\n" + health.output()) from None
+                time.sleep(0.2)
 
     def stop(self) -> None:
         for process in reversed(self.processes):

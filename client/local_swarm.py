@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48, help="longest reply, in tokens (default: 48)")
     parser.add_argument("--servers", type=int, default=2, help="how many servers split the blocks (default: 2)")
     parser.add_argument("--num-threads", type=int, default=1, help="torch threads per server (default: 1)")
-    parser.add_argument("--keep-running", action="store_true", help="leave the swarm up after the reply, until Ctrl+C")
+    parser.add_argument("--keep-running", action="store_true", help="leave the swarm up after the reply, with its health page, until Ctrl+C")
+    parser.add_argument("--health-port", type=int, default=8000, help="port of the health page with --keep-running (default: 8000)")
     args = parser.parse_args(argv)
     configure_logging()
     swarm = LocalSwarm()
@@ -93,7 +94,9 @@ def _run(args: argparse.Namespace, swarm: LocalSwarm) -> None:
     model.swarm_client.shutdown()
 
     if args.keep_running:
-        print("\nThe swarm keeps running; press Ctrl+C to stop it. Connect from Python with:")
+        url = swarm.start_health(args.health_port)
+        print(f"\nHealth page: {url}  (JSON: {url}api/v1/state, Prometheus: {url}metrics)")
+        print("The swarm keeps running; press Ctrl+C to stop it. Connect from Python with:")
         print("    from swarm import AutoDistributedModelForCausalLM")
         print(f"    model = AutoDistributedModelForCausalLM.from_pretrained({args.model!r}, initial_peers={swarm.initial_peers!r})")
         stop = threading.Event()

@@ -17,7 +17,7 @@ import random
 from collections.abc import Mapping
 
 from swarm.errors import MissingBlocksError
-from swarm.records import ServerRecord, ServerState
+from swarm.records import ServerRecord, ServerState, block_ranges
 
 DEFAULT_RTT = 0.05  # seconds: assumed round trip to a server not pinged yet
 DEFAULT_STEP_TIME = 0.01  # seconds per block: assumed for a server that announces no throughput
@@ -51,29 +51,18 @@ class ServerFilter:
         )
 
 
-def missing_ranges(blocks: list[dict[str, ServerRecord]], servers: ServerFilter) -> list[tuple[int, int]]:
+def missingblock_ranges(blocks: list[dict[str, ServerRecord]], servers: ServerFilter) -> list[tuple[int, int]]:
     """Half-open ranges of blocks that no usable server holds."""
     uncovered = [
         index for index, records in enumerate(blocks) if not any(servers.usable(peer, record) for peer, record in records.items())
     ]
-    return _ranges(uncovered)
+    return block_ranges(uncovered)
 
 
 def _check_coverage(blocks: list[dict[str, ServerRecord]], start: int, end: int, servers: ServerFilter, model: str) -> None:
-    gaps = [(max(a, start), min(b, end)) for a, b in missing_ranges(blocks, servers) if a < end and b > start]
+    gaps = [(max(a, start), min(b, end)) for a, b in missingblock_ranges(blocks, servers) if a < end and b > start]
     if gaps:
         raise MissingBlocksError(gaps, model)
-
-
-def _ranges(indices: list[int]) -> list[tuple[int, int]]:
-    """Sorted block indices as half-open ranges of consecutive blocks."""
-    ranges: list[tuple[int, int]] = []
-    for index in indices:
-        if ranges and ranges[-1][1] == index:
-            ranges[-1] = (ranges[-1][0], index + 1)
-        else:
-            ranges.append((index, index + 1))
-    return ranges
 
 
 def step_time_per_block(record: ServerRecord) -> float:
@@ -109,7 +98,7 @@ def inference_route(
             uncovered.append(index)
         options.append(here)
     if uncovered:
-        raise MissingBlocksError(_ranges(uncovered), model)
+        raise MissingBlocksError(block_ranges(uncovered), model)
     # best[b]: least time to have run blocks [start, b); via[b]: the hop that ends there.
     best = {start: 0.0}
     via: dict[int, tuple[int, str]] = {}

@@ -12,7 +12,7 @@ from swarm.errors import SwarmError
 from swarm.server.config import ServerConfig
 from swarm.server.server import Server
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("swarm.server")  # not __name__: run with -m, that is "__main__"
 
 EXAMPLES = """\
 examples:

@@ -20,7 +20,7 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.multiaddr import Multiaddr
 
 from swarm.errors import ConfigError, SwarmError
-from swarm.records import MODEL_INDEX_KEY, ModelRecord, ServerRecord, block_key, parse_block_entries
+from swarm.records import MODEL_INDEX_KEY, InvalidRecord, ModelRecord, ServerRecord, block_key, parse_block_entries
 
 logger = logging.getLogger(__name__)
 
@@ -128,8 +128,10 @@ def fetch_block_records(dht: hivemind.DHT, dht_prefix: str, num_blocks: int) -> 
     return [found[index] for index in range(num_blocks)]
 
 
-def fetch_records_at(dht: hivemind.DHT, dht_prefix: str, indices: range | list[int]) -> dict[int, dict[str, ServerRecord]]:
-    """The valid records announced for the given blocks only, in one DHT call."""
+def fetch_records_at(
+    dht: hivemind.DHT, dht_prefix: str, indices: range | list[int], rejected: dict[str, str] | None = None
+) -> dict[int, dict[str, ServerRecord]]:
+    """The valid records announced for the given blocks only, in one DHT call (`rejected`: see parse_block_entries)."""
     keys = {index: block_key(dht_prefix, index) for index in indices}
     raw = dht.run_coroutine(functools.partial(_get_many, keys=list(keys.values())), return_future=True).result(DHT_CALL_TIMEOUT)
     parsed: dict = {}
@@ -140,8 +142,22 @@ def fetch_records_at(dht: hivemind.DHT, dht_prefix: str, indices: range | list[i
             peer = _peer_of_subkey(subkey)
             if peer is not None:
                 entries[peer] = value
-        blocks[index] = parse_block_entries(index, entries, parsed)
+        blocks[index] = parse_block_entries(index, entries, parsed, rejected)
     return blocks
+
+
+def fetch_model_index(dht: hivemind.DHT) -> dict[str, ModelRecord]:
+    """The models the swarm serves, by DHT prefix, from the servers' entries in the model index."""
+    raw = dht.run_coroutine(functools.partial(_get_many, keys=[MODEL_INDEX_KEY]), return_future=True).result(DHT_CALL_TIMEOUT)
+    models: dict[str, ModelRecord] = {}
+    for subkey, value in raw.get(MODEL_INDEX_KEY, {}).items():
+        prefix = _peer_of_subkey(subkey)  # the index's subkeys are the prefix followed by the owner's key
+        try:
+            if prefix:
+                models[prefix] = ModelRecord.from_wire(value)
+        except InvalidRecord:
+            logger.debug("ignoring an invalid model index entry for %r", prefix)
+    return models
 
 
 async def _get_many(dht: hivemind.DHT, node: Any, *, keys: list) -> dict[str, dict[Any, Any]]:

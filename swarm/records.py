@@ -38,6 +38,17 @@ def block_key(dht_prefix: str, block_index: int) -> str:
     return f"{dht_prefix}.{block_index}"
 
 
+def block_ranges(indices: list[int]) -> list[tuple[int, int]]:
+    """Sorted block indices as half-open ranges of consecutive blocks, e.g. [1, 2, 5] -> [(1, 3), (5, 6)]."""
+    ranges: list[tuple[int, int]] = []
+    for index in indices:
+        if ranges and ranges[-1][1] == index:
+            ranges[-1] = (ranges[-1][0], index + 1)
+        else:
+            ranges.append((index, index + 1))
+    return ranges
+
+
 @dataclasses.dataclass(frozen=True)
 class ServerRecord:
     """What a server announces under each block key of its span."""
@@ -160,12 +171,15 @@ class ModelRecord:
 
 
 def parse_block_entries(
-    block_index: int, entries: dict[str, Any], parsed: dict[tuple[str, bytes], ServerRecord] | None = None
+    block_index: int,
+    entries: dict[str, Any],
+    parsed: dict[tuple[str, bytes], ServerRecord] | None = None,
+    rejected: dict[str, str] | None = None,
 ) -> dict[str, ServerRecord]:
     """Validate one block's {peer_id: raw value} entries; drop (and log) the invalid ones.
 
     `parsed` (shared across the blocks of one read) makes a server's identical records along its
-    span one object, parsed once.
+    span one object, parsed once. `rejected`, if given, collects {peer_id: reason} of dropped ones.
     """
     records: dict[str, ServerRecord] = {}
     for peer_id, raw in entries.items():
@@ -180,6 +194,8 @@ def parse_block_entries(
                 raise InvalidRecord(f"span {record.start}:{record.end} does not contain block {block_index}")
         except InvalidRecord as e:
             logger.debug("ignoring record of %s for block %d: %s", peer_id, block_index, e)
+            if rejected is not None:
+                rejected[peer_id] = str(e)
             continue
         records[peer_id] = record
     return records

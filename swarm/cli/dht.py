@@ -12,7 +12,7 @@ from swarm.cli.logs import configure_logging
 from swarm.dht import start_dht, visible_maddrs
 from swarm.errors import SwarmError
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("swarm.dht")  # not __name__: run with -m, that is "__main__"
 
 
 def main(argv: list[str] | None = None) -> None:

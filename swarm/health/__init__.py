@@ -1,0 +1,1 @@
+"""The swarm's health page: any peer can run it (swarm-health); the swarm never depends on it."""

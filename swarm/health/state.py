@@ -1,0 +1,94 @@
+"""A snapshot of the swarm as the DHT shows it: models, their servers, coverage and rejected records.
+
+`/api/v1/state` returns `SwarmState` as JSON with this schema:
+
+    {
+      "updated_at": float,                 # UNIX time of the DHT read
+      "models": [{
+        "dht_prefix": str, "model_type": str, "num_blocks": int,
+        "healthy": bool,                   # every block has at least one online server
+        "replicas": [int, ...],            # online servers per block
+        "missing": [[start, end], ...],    # half-open ranges no online server holds
+        "invalid_records": {peer_id: reason},
+        "servers": [{
+          "peer_id": str, "public_name": str, "version": str, "state": "joining"|"online"|"offline",
+          "start": int, "end": int, "throughput": float, "inference_rps": float,
+          "torch_dtype": str, "quant_type": str, "adapters": [str], "cache_tokens_left": int,
+          "reachability": "direct"|"relay", "next_pings": {peer_id: seconds}
+        }, ...]
+      }, ...]
+    }
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from swarm.dht import DHT, fetch_model_index, fetch_records_at
+from swarm.records import ServerRecord, ServerState, block_ranges
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerView:
+    peer_id: str
+    public_name: str
+    version: str
+    state: str
+    start: int
+    end: int
+    throughput: float
+    inference_rps: float
+    torch_dtype: str
+    quant_type: str
+    adapters: list[str]
+    cache_tokens_left: int
+    reachability: str
+    next_pings: dict[str, float]
+
+    @classmethod
+    def of(cls, peer_id: str, record: ServerRecord) -> ServerView:
+        return cls(
+            peer_id=peer_id, public_name=record.public_name, version=record.version, state=record.state.value,
+            start=record.start, end=record.end, throughput=record.throughput, inference_rps=record.inference_rps,
+            torch_dtype=record.torch_dtype, quant_type=record.quant_type, adapters=list(record.adapters),
+            cache_tokens_left=record.cache_tokens_left, reachability=record.reachability, next_pings=dict(record.next_pings),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelView:
+    dht_prefix: str
+    model_type: str
+    num_blocks: int
+    healthy: bool
+    replicas: list[int]
+    missing: list[tuple[int, int]]
+    invalid_records: dict[str, str]
+    servers: list[ServerView]
+
+
+@dataclasses.dataclass(frozen=True)
+class SwarmState:
+    updated_at: float
+    models: list[ModelView]
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def collect_state(dht: DHT) -> SwarmState:
+    """Read the model index and every model's block records (blocking: DHT round trips)."""
+    models = []
+    for prefix, model in sorted(fetch_model_index(dht).items()):
+        rejected: dict[str, str] = {}
+        blocks = fetch_records_at(dht, prefix, range(model.num_blocks), rejected)
+        servers: dict[str, ServerRecord] = {}
+        for records in blocks.values():
+            for peer, record in records.items():
+                servers.setdefault(peer, record)
+        replicas = [sum(r.state == ServerState.ONLINE for r in blocks[i].values()) for i in range(model.num_blocks)]
+        missing = block_ranges([index for index, count in enumerate(replicas) if count == 0])
+        views = sorted((ServerView.of(peer, record) for peer, record in servers.items()), key=lambda v: (v.start, v.peer_id))
+        models.append(ModelView(prefix, model.model_type, model.num_blocks, not missing, replicas, missing, rejected, views))
+    return SwarmState(time.time(), models)
