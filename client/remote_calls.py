@@ -146,8 +146,8 @@ async def _backward_hop(client: SwarmClient, hop: RouteHop, inputs: torch.Tensor
 async def _call(client: SwarmClient, hop: RouteHop, rpc: str, request: Message, response_type: type[ResponseT]) -> ResponseT:
     """One streamed request/response to the hop's server; its failures become ServerFailure.
 
-    A broken connection is tried once more at once: a transient transport error (seen: a
-    BrokenPipeError on a healthy server) should not cost a ban and a reroute.
+    A broken connection is tried once more at once: a transient transport error on a healthy
+    server should not cost a ban and a reroute.
     """
     client.in_flight[hop.peer_id] += 1
     try:

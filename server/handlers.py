@@ -21,7 +21,7 @@ from swarm.limits import CACHE_WAIT_TIMEOUT, SESSION_IDLE_TIMEOUT
 from swarm.wire import swarm_rpc_pb2 as pb
 from swarm.transport import P2P
 from swarm.wire.rpc import RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, RPC_INFO
-from swarm.wire.frames import read_message, to_frames
+from swarm.wire.frames import read_message, read_until_end, to_frames
 from swarm.wire.codecs import check_codec, decode, encode
 from swarm.server.adapters import ParsedAdapter, applied, parse_adapter
 from swarm.server.backprop import ActivationStore, backward, forward_for_backward
@@ -97,6 +97,7 @@ class SpanHandlers:
             response = pb.ForwardResponse(hidden_states=encode(output, response_codec))
         except Exception as e:
             response = pb.ForwardResponse(error=_error_reply(e, "forward"))
+        await read_until_end(frames)
         for frame in to_frames(response):
             yield frame
 
@@ -132,6 +133,7 @@ class SpanHandlers:
                 response.deep_prompt_grads.CopyFrom(encode(prompt_grads))
         except Exception as e:
             response = pb.BackwardResponse(error=_error_reply(e, "backward"))
+        await read_until_end(frames)
         for frame in to_frames(response):
             yield frame
 
@@ -158,7 +160,9 @@ class SpanHandlers:
                 finally:
                     self.open_sessions -= 1
         except Exception as e:
-            for frame in to_frames(pb.InferenceResponse(error=_error_reply(e, "inference"))):
+            error = pb.InferenceResponse(error=_error_reply(e, "inference"))
+            await read_until_end(frames, timeout=1.0)  # the session is over: let the caller finish writing
+            for frame in to_frames(error):
                 yield frame
 
     async def _run_session(

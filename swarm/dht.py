@@ -67,7 +67,7 @@ def start_dht(
         )
     except Exception as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "bootstrap failed" in message or "initial_peers" in message:
+        if "bootstrap" in message or "initial_peers" in message:
             raise ConfigError(f"none of the initial peers answered: {', '.join(initial_peers)}") from None
         raise SwarmError(f"could not start the DHT peer: {message}") from None
 

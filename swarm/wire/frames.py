@@ -7,6 +7,8 @@ big training batch is never bound by the transport's message cap (hivemind unary
 
 from __future__ import annotations
 
+import asyncio
+
 from collections.abc import AsyncIterator, Iterator
 from typing import TypeVar
 
@@ -47,6 +49,21 @@ async def read_message(
     if parts:
         raise InvalidRequest("stream ended in the middle of a message")
     return None
+
+
+async def read_until_end(frames: AsyncIterator[pb.Frame], timeout: float = 5.0) -> None:
+    """Consume a request stream to its end before replying.
+
+    A handler that replies and returns while the caller is still writing its end-of-stream marker
+    makes hivemind close the stream under that write, and the caller then sees BrokenPipeError
+    instead of the reply. Anything but the end here is dropped: one request per stream.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            async for _ in frames:
+                pass
+    except TimeoutError:
+        pass
 
 
 def parse_message(payload: bytes, message_type: type[MessageT]) -> MessageT:
