@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Inference speed of a local swarm against plain local transformers, same machine, same run.
 
-For the same prompt and model (fp32 by default), measures time to first token, per-token
-latency and tokens/s for N new greedy tokens, through plain transformers in this process and
-through a local swarm (a DHT and servers splitting the blocks). Prints a table and writes JSON.
+For the same prompt and model (fp32), measures time to first token, per-token latency and
+tokens/s for N new greedy tokens, through plain transformers in this process and through a local
+swarm (a DHT and servers splitting the blocks), uncompressed and with the default wire codec.
+Prints a table and writes JSON.
 
     python scripts/bench_inference.py                 # default model, 2 servers, 64 tokens
     python scripts/bench_inference.py --servers 3 --repeats 5 --output bench.json
@@ -32,6 +33,7 @@ from swarm.client.local_processes import LocalSwarm  # noqa: E402
 from swarm.client.local_swarm import split_blocks  # noqa: E402
 from swarm.families import load_config  # noqa: E402
 from swarm.model_source import DEFAULT_MODEL, resolve_model  # noqa: E402
+from swarm.wire.codecs import DEFAULT_CODEC  # noqa: E402
 
 logger = logging.getLogger("swarm.bench")
 
@@ -82,6 +84,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens to generate (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per setup; medians are reported (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads, locally and per server (default: %(default)s)")
+    parser.add_argument("--codecs", nargs="*", default=["none", DEFAULT_CODEC], help="wire codecs to measure (default: none %(default)s)")
     parser.add_argument("--output", type=Path, default=Path("bench-results/inference.json"), help="JSON file (default: %(default)s)")
     args = parser.parse_args()
     configure_logging()
@@ -102,33 +105,41 @@ def main() -> None:
         swarm.start_dht()
         ranges = split_blocks(load_config(checkpoint).num_hidden_layers, args.servers)
         swarm.start_servers(checkpoint, ranges, "--num-threads", str(args.threads))
-        remote = AutoDistributedModelForCausalLM.from_pretrained(checkpoint, initial_peers=swarm.initial_peers)
         max_length = input_ids.shape[1] + args.new_tokens
-        measure(remote, input_ids, 4)  # warm-up
-        swarm_runs = [
-            measure(remote, input_ids, args.new_tokens, lambda: remote.inference_session(max_length=max_length))
-            for _ in range(args.repeats)
-        ]
-        remote.swarm_client.shutdown()
+        swarm_runs = {}
+        for codec in args.codecs:
+            remote = AutoDistributedModelForCausalLM.from_pretrained(checkpoint, initial_peers=swarm.initial_peers, wire_codec=codec)
+            measure(remote, input_ids, 4)  # warm-up
+            swarm_runs[codec] = [
+                measure(remote, input_ids, args.new_tokens, lambda: remote.inference_session(max_length=max_length))
+                for _ in range(args.repeats)
+            ]
+            remote.swarm_client.shutdown()
     finally:
         swarm.stop()
 
-    local_summary, swarm_summary = summarize(local_runs), summarize(swarm_runs)
-    same_tokens = all(run["tokens"] == local_runs[0]["tokens"] for run in swarm_runs)
-    ratio = swarm_summary["per_token_ms"] / local_summary["per_token_ms"]
+    local_summary = summarize(local_runs)
+    rows = {"local": local_summary}
     result = {
-        "model": str(checkpoint.name), "dtype": "float32", "omp_wait_policy": os.environ["OMP_WAIT_POLICY"], "servers": ranges, "threads": args.threads,
-        "prompt_tokens": input_ids.shape[1], "new_tokens": args.new_tokens, "repeats": args.repeats,
-        "local": local_summary, "swarm": swarm_summary, "swarm_over_local_per_token": ratio,
-        "swarm_over_local_tokens_per_s": local_summary["tokens_per_s"] / swarm_summary["tokens_per_s"],
-        "same_greedy_tokens": same_tokens,
+        "model": str(checkpoint.name), "dtype": "float32", "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+        "servers": ranges, "threads": args.threads, "prompt_tokens": input_ids.shape[1], "new_tokens": args.new_tokens,
+        "repeats": args.repeats, "local": local_summary, "swarm": {},
     }
+    for codec, runs in swarm_runs.items():
+        summary = summarize(runs)
+        rows[f"swarm, wire {codec}"] = summary
+        result["swarm"][codec] = summary | {
+            "per_token_over_local": summary["per_token_ms"] / local_summary["per_token_ms"],
+            "same_greedy_tokens_as_local": all(run["tokens"] == local_runs[0]["tokens"] for run in runs),
+        }
     print(f"\nmodel {checkpoint.name}, fp32, prompt {input_ids.shape[1]} tokens, {args.new_tokens} new tokens, "
           f"{args.threads} torch threads, servers {', '.join(ranges)}, median of {args.repeats}")
-    print(f"{'setup':<10}{'TTFT ms':>10}{'per-token ms':>15}{'tokens/s':>10}")
-    for name, summary in (("local", local_summary), ("swarm", swarm_summary)):
-        print(f"{name:<10}{summary['ttft_ms']:>10.1f}{summary['per_token_ms']:>15.2f}{summary['tokens_per_s']:>10.2f}")
-    print(f"swarm/local per-token latency: {ratio:.3f}   same greedy tokens: {same_tokens}")
+    print(f"{'setup':<18}{'TTFT ms':>10}{'per-token ms':>15}{'tokens/s':>10}{'per-token vs local':>20}{'same tokens':>13}")
+    for name, summary in rows.items():
+        codec = name.removeprefix("swarm, wire ")
+        extra = result["swarm"].get(codec, {"per_token_over_local": 1.0, "same_greedy_tokens_as_local": True})
+        print(f"{name:<18}{summary['ttft_ms']:>10.1f}{summary['per_token_ms']:>15.2f}{summary['tokens_per_s']:>10.2f}"
+              f"{extra['per_token_over_local']:>20.3f}{str(extra['same_greedy_tokens_as_local']):>13}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.output}")

@@ -3,13 +3,14 @@
 Uncompressed, it generates exactly the tokens of local transformers. With the default wire codec
 (int8), its next-token choices agree with the uncompressed model's within the bound measured by
 scripts/bench_codecs.py (97% there; this test allows 90% on its shorter sample). Servers with
-int8 and nf4 weights serve it too.
+int8 and nf4 weights serve it too, and a LoRA trains through them (QLoRA over the swarm).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from swarm import AutoDistributedModelForCausalLM
@@ -92,6 +93,12 @@ def test_quantized_servers_serve_the_default_model(checkpoint, prompt_ids):
             assert produced.shape[1] == prompt_ids.shape[1] + 12
             blocks = fetch_block_records(remote.swarm_client.dht, remote.swarm_client.dht_prefix, 30)
             assert {record.quant_type for records in blocks for record in records.values()} == {"nf4", "int8"}
+            # QLoRA over the swarm: the quantized base stays frozen, the client's LoRA gets gradients.
+            remote.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+            remote(prompt_ids, labels=prompt_ids).loss.backward()
+            grads = [p.grad for p in remote.parameters() if p.requires_grad]
+            assert len(grads) == 2 * 2 * 30 and all(g is not None and torch.isfinite(g).all() for g in grads)
+            assert any(g.abs().sum() > 0 for g in grads)
         finally:
             remote.swarm_client.shutdown()
     finally:
