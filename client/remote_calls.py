@@ -65,15 +65,7 @@ async def forward_async(
         nonlocal position, state
         for hop in await client.forward_route(position, end):
             forward_id = random.getrandbits(63) + 1 if keep else 0
-            request = pb.ForwardRequest(
-                span=pb.Span(start=hop.start, end=hop.end),
-                hidden_states=encode(state, client.codecs.send),
-                response_codec=client.codecs.receive,
-                forward_id=forward_id,
-                dropout_seed=seed,
-            )
-            if adapter is not None:
-                request.adapter.CopyFrom(adapter.message(hop.start, hop.end))
+            request = _forward_request(client, hop, state, adapter, forward_id, seed)
             reply = await _call(client, hop, RPC_FORWARD, request, pb.ForwardResponse)
             trace.append(TracedHop(hop, state, forward_id))
             state = decode(reply.hidden_states)
@@ -106,10 +98,7 @@ async def _backward_elsewhere(client: SwarmClient, traced: TracedHop, gradients:
         inputs, state = [], traced.inputs
         for hop in route[:-1]:
             inputs.append(state)
-            request = pb.ForwardRequest(span=pb.Span(start=hop.start, end=hop.end), hidden_states=encode(state, client.codecs.send),
-                                        response_codec=client.codecs.receive, dropout_seed=seed)
-            if adapter is not None:
-                request.adapter.CopyFrom(adapter.message(hop.start, hop.end))
+            request = _forward_request(client, hop, state, adapter, 0, seed)
             state = decode((await _call(client, hop, RPC_FORWARD, request, pb.ForwardResponse)).hidden_states)
         inputs.append(state)
         saved = dataclasses.replace(gradients, lora=dict(gradients.lora), deep_prompts=dict(gradients.deep_prompts))
@@ -121,6 +110,20 @@ async def _backward_elsewhere(client: SwarmClient, traced: TracedHop, gradients:
             raise
 
     await with_rerouting(attempt, client.bans, f"backward through blocks {traced.hop.start}:{traced.hop.end}")
+
+
+def _forward_request(client: SwarmClient, hop: RouteHop, hidden_states: torch.Tensor, adapter: AdapterPayload | None,
+                     forward_id: int, seed: int) -> pb.ForwardRequest:
+    request = pb.ForwardRequest(
+        span=pb.Span(start=hop.start, end=hop.end),
+        hidden_states=encode(hidden_states, client.codecs.send),
+        response_codec=client.codecs.receive,
+        forward_id=forward_id,
+        dropout_seed=seed,
+    )
+    if adapter is not None:
+        request.adapter.CopyFrom(adapter.message(hop.start, hop.end))
+    return request
 
 
 async def _backward_hop(client: SwarmClient, hop: RouteHop, inputs: torch.Tensor, forward_id: int,

@@ -51,3 +51,16 @@ def local_swarm() -> Iterator[LocalSwarm]:
         yield swarm
     finally:
         swarm.stop()
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def three_servers(request, tiny_models) -> Iterator[tuple[Path, LocalSwarm]]:
+    """A tiny model of each family split over three servers (blocks 0:2, 2:4, 4:6): (path, swarm)."""
+    path = tiny_models[request.param]
+    swarm = LocalSwarm()
+    try:
+        swarm.start_dht()
+        swarm.start_servers(path, ["0:2", "2:4", "4:6"], "--num-threads", "1")
+        yield path, swarm
+    finally:
+        swarm.stop()

@@ -7,26 +7,18 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from swarm import AutoDistributedModelForCausalLM
-from swarm.client.local_processes import LocalSwarm
-from tests.conftest import FAMILIES
 
 pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def family_swarm(request, tiny_models):
-    """A tiny model of one family split over three servers; yields (local model, distributed model)."""
-    path = tiny_models[request.param]
-    swarm = LocalSwarm()
-    try:
-        swarm.start_dht()
-        swarm.start_servers(path, ["0:2", "2:4", "4:6"], "--num-threads", "1")
-        local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        remote = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers, wire_codec="none")
-        yield local, remote
-        remote.swarm_client.shutdown()
-    finally:
-        swarm.stop()
+@pytest.fixture(scope="module")
+def family_swarm(three_servers):
+    """(local model, distributed model) of one family, the latter over three servers."""
+    path, swarm = three_servers
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    remote = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers, wire_codec="none")
+    yield local, remote
+    remote.swarm_client.shutdown()
 
 
 def test_logits_and_generation_match_local(family_swarm):

@@ -12,24 +12,15 @@ from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dic
 from transformers import AutoModelForCausalLM
 
 from swarm import AutoDistributedModelForCausalLM
-from swarm.client.local_processes import LocalSwarm
-from tests.conftest import FAMILIES
 
 pytestmark = pytest.mark.timeout(300)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def family_swarm(request, tiny_models):
-    path = tiny_models[request.param]
-    swarm = LocalSwarm()
-    try:
-        swarm.start_dht()
-        swarm.start_servers(path, ["0:2", "2:4", "4:6"], "--num-threads", "1")
-        yield path, swarm
-    finally:
-        swarm.stop()
+@pytest.fixture(scope="module")
+def family_swarm(three_servers):
+    return three_servers
 
 
 def remote_model(path, swarm, **kwargs):  # noqa: ANN001, ANN003, ANN201
