@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import time
 import urllib.error
 import urllib.request
 
@@ -25,7 +27,8 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def health(tiny_models):
+def health_swarm(tiny_models):
+    """(URL of the health page, [llama 0:3, llama 3:6, qwen3 0:3] server processes)."""
     swarm = LocalSwarm()
     try:
         swarm.start_dht()
@@ -34,9 +37,15 @@ def health(tiny_models):
         swarm.start_server(tiny_models["qwen3"], "0:3", "--num-threads", "1", wait=False)
         for server in swarm.processes[1:]:
             server.wait_for_line("serving blocks")
-        yield swarm.start_health(free_port(), "--refresh-period", "1")
+        servers = swarm.processes[1:]
+        yield swarm.start_health(free_port(), "--refresh-period", "1"), servers
     finally:
         swarm.stop()
+
+
+@pytest.fixture
+def health(health_swarm) -> str:
+    return health_swarm[0]
 
 
 def fetch(url: str) -> str:
@@ -52,6 +61,7 @@ def test_state_json(health):
     names = {server["public_name"] for server in models["llama"]["servers"]}
     assert names == {"alice", HOSTILE}
     assert all(server["state"] == "online" and server["throughput"] > 0 for server in models["llama"]["servers"])
+    assert all(server["probe_ms"] is not None for server in models["llama"]["servers"])
 
 
 def test_metrics(health):
@@ -83,9 +93,26 @@ def test_page_in_a_real_browser(health, tmp_path):
              f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,900"]
     dom = subprocess.run([chromium, *flags, "--dump-dom", health], capture_output=True, text=True, timeout=120).stdout
     assert "healthy" in dom and "blocks missing" in dom and "Nobody serves blocks 3:6" in dom
-    assert dom.count('class="server-row"') == 3
+    assert dom.count('class="server-row"') == 3 and "no answer" not in dom
     assert "alice" in dom and "<script>alert(1)</script>" not in dom
     screenshot = tmp_path / "health.png"
     subprocess.run([chromium, *flags, f"--screenshot={screenshot}", health], capture_output=True, timeout=120)
     assert screenshot.stat().st_size > 10_000
     shutil.copy(screenshot, os.environ.get("SWARM_SCREENSHOT", tmp_path / "health-copy.png"))
+
+
+def test_a_server_that_stops_answering_shows_as_such(health_swarm):
+    """Last in this module: it kills the qwen3 server like a lost machine (its record stays online)."""
+    health, servers = health_swarm
+    victim = servers[2]
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.popen.wait(10)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        state = json.loads(fetch(health + "api/v1/state?refresh=1"))
+        qwen3 = next(model for model in state["models"] if model["model_type"] == "qwen3")
+        if qwen3["servers"] and qwen3["servers"][0]["probe_ms"] is None:
+            break
+        time.sleep(1)
+    assert qwen3["servers"][0]["probe_ms"] is None
+    assert "no answer" in fetch(health)

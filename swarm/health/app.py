@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import jinja2
@@ -19,7 +19,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 
 from swarm.health.metrics import prometheus_text
-from swarm.health.state import SwarmState
+from swarm.health.state import SwarmState, probe_servers
+from swarm.transport import P2P
 
 logger = logging.getLogger(__name__)
 
@@ -31,11 +32,13 @@ _TEMPLATES = jinja2.Environment(
 
 
 class StateCache:
-    """The latest snapshot, refreshed periodically and on demand (rate-limited)."""
+    """The latest snapshot, refreshed periodically and on demand (rate-limited), servers probed."""
 
-    def __init__(self, collect: Callable[[], SwarmState], period: float):
+    def __init__(self, collect: Callable[[], SwarmState], period: float, p2p_factory: Callable[[], Awaitable[P2P]] | None):
         self.collect = collect
         self.period = period
+        self.p2p_factory = p2p_factory
+        self.p2p: P2P | None = None
         self.state = SwarmState(0.0, [])
         self._lock = asyncio.Lock()
         self._last_read = 0.0
@@ -44,7 +47,11 @@ class StateCache:
         async with self._lock:
             if force or time.monotonic() - self._last_read >= MIN_REFRESH_INTERVAL:
                 try:
-                    self.state = await asyncio.get_running_loop().run_in_executor(None, self.collect)
+                    state = await asyncio.get_running_loop().run_in_executor(None, self.collect)
+                    if self.p2p_factory is not None:
+                        self.p2p = self.p2p or await self.p2p_factory()
+                        state = await probe_servers(state, self.p2p)
+                    self.state = state
                 except Exception as e:  # keep serving the last snapshot; the next read may succeed
                     logger.warning("could not read the DHT: %s", e)
                 self._last_read = time.monotonic()
@@ -56,8 +63,11 @@ class StateCache:
             await asyncio.sleep(self.period)
 
 
-def create_app(collect: Callable[[], SwarmState], refresh_period: float = 10.0) -> FastAPI:
-    cache = StateCache(collect, refresh_period)
+def create_app(
+    collect: Callable[[], SwarmState], refresh_period: float = 10.0, p2p_factory: Callable[[], Awaitable[P2P]] | None = None
+) -> FastAPI:
+    """`collect` reads the DHT (blocking); `p2p_factory` gives a P2P handle in the app's loop to probe servers."""
+    cache = StateCache(collect, refresh_period, p2p_factory)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

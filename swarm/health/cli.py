@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"swarm-health: error: {e}", file=sys.stderr)
         sys.exit(2)
     try:
-        app = create_app(functools.partial(collect_state, dht), args.refresh_period)
+        app = create_app(functools.partial(collect_state, dht), args.refresh_period, dht.replicate_p2p)
         logger.info("health page at http://%s:%d/", args.host, args.port)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:

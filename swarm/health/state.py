@@ -14,7 +14,8 @@
           "peer_id": str, "public_name": str, "version": str, "state": "joining"|"online"|"offline",
           "start": int, "end": int, "throughput": float, "inference_rps": float,
           "torch_dtype": str, "quant_type": str, "adapters": [str], "cache_tokens_left": int,
-          "reachability": "direct"|"relay", "next_pings": {peer_id: seconds}
+          "reachability": "direct"|"relay", "next_pings": {peer_id: seconds},
+          "probe_ms": float | null         # this monitor's info call round trip; null: no answer
         }, ...]
       }, ...]
     }
@@ -22,11 +23,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 
 from swarm.dht import DHT, fetch_model_index, fetch_records_at
+from swarm.errors import SwarmError
+from swarm.transport import P2P, call_unary
+from swarm.wire import swarm_rpc_pb2 as pb
+from swarm.wire.rpc import RPC_INFO
 from swarm.records import ServerRecord, ServerState, block_ranges
+
+
+PROBE_TIMEOUT = 3.0  # seconds an info call may take before the server counts as not answering
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +54,7 @@ class ServerView:
     cache_tokens_left: int
     reachability: str
     next_pings: dict[str, float]
+    probe_ms: float | None = None  # round trip of an info call from this monitor; None: did not answer
 
     @classmethod
     def of(cls, peer_id: str, record: ServerRecord) -> ServerView:
@@ -75,6 +85,26 @@ class SwarmState:
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+
+async def probe_servers(state: SwarmState, p2p: P2P) -> SwarmState:
+    """The same state with each server's answer to an info call (round trip in ms, or None)."""
+    peers = {server.peer_id for model in state.models for server in model.servers}
+    rtts = dict(zip(peers, await asyncio.gather(*(_probe(p2p, peer) for peer in peers))))
+    models = [
+        dataclasses.replace(model, servers=[dataclasses.replace(s, probe_ms=rtts.get(s.peer_id)) for s in model.servers])
+        for model in state.models
+    ]
+    return dataclasses.replace(state, models=models)
+
+
+async def _probe(p2p: P2P, peer: str) -> float | None:
+    began = time.perf_counter()
+    try:
+        await call_unary(p2p, peer, RPC_INFO, pb.InfoRequest(), pb.InfoResponse, PROBE_TIMEOUT)
+    except SwarmError:
+        return None
+    return (time.perf_counter() - began) * 1e3
 
 
 def collect_state(dht: DHT) -> SwarmState:
