@@ -94,6 +94,13 @@ class SwarmClient:
 
         return await self._route_when_covered(plan, "forward")
 
+    async def parallel_routes(self, batch_size: int) -> int:
+        """How many parts a batch can be split into: the fewest usable servers of any block, at most the batch."""
+        servers = self.server_filter()
+        blocks = await self.fetch_blocks()
+        replicas = min((sum(servers.usable(peer, record) for peer, record in records.items()) for records in blocks), default=1)
+        return max(1, min(batch_size, replicas))
+
     async def _route_when_covered(self, plan, kind: str) -> list[RouteHop]:  # noqa: ANN001
         deadline = time.monotonic() + self.route_wait
         while True:
