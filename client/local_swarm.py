@@ -100,8 +100,10 @@ def _run(args: argparse.Namespace, swarm: LocalSwarm) -> None:
         print("    from swarm import AutoDistributedModelForCausalLM")
         print(f"    model = AutoDistributedModelForCausalLM.from_pretrained({args.model!r}, initial_peers={swarm.initial_peers!r})")
         stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        stop.wait()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        while not stop.wait(1.0):
+            pass
 
 
 if __name__ == "__main__":

@@ -9,8 +9,6 @@ import sys
 from swarm.cli.dataclass_args import add_dataclass_arguments, config_from_namespace
 from swarm.cli.logs import configure_logging
 from swarm.errors import SwarmError
-from swarm.server.config import ServerConfig
-from swarm.server.server import Server
 
 logger = logging.getLogger("swarm.server")  # not __name__: run with -m, that is "__main__"
 
@@ -24,6 +22,10 @@ examples:
 
 
 def main(argv: list[str] | None = None) -> None:
+    configure_logging()  # before importing the server: bitsandbytes logs while it is imported
+    from swarm.server.config import ServerConfig
+    from swarm.server.server import Server
+
     parser = argparse.ArgumentParser(
         prog="swarm-server",
         description="Serve a contiguous range of a language model's transformer blocks to a Swarm.",
@@ -32,7 +34,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     add_dataclass_arguments(parser, ServerConfig)
     args = parser.parse_args(argv)
-    configure_logging()
     try:
         Server(config_from_namespace(ServerConfig, args)).run()
     except SwarmError as e:

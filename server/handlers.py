@@ -97,9 +97,9 @@ class SpanHandlers:
             response = pb.ForwardResponse(hidden_states=encode(output, response_codec))
         except Exception as e:
             response = pb.ForwardResponse(error=_error_reply(e, "forward"))
-        await read_until_end(frames)
         for frame in to_frames(response):
             yield frame
+        await read_until_end(frames)
 
     async def rpc_backward(self, frames: AsyncIterator[pb.Frame], context: object) -> AsyncIterator[pb.Frame]:
         """Gradients of a span's inputs and of the caller's adapter, from its kept forward or a recompute."""
@@ -133,9 +133,9 @@ class SpanHandlers:
                 response.deep_prompt_grads.CopyFrom(encode(prompt_grads))
         except Exception as e:
             response = pb.BackwardResponse(error=_error_reply(e, "backward"))
-        await read_until_end(frames)
         for frame in to_frames(response):
             yield frame
+        await read_until_end(frames)
 
     async def rpc_inference(self, frames: AsyncIterator[pb.Frame], context: object) -> AsyncIterator[pb.Frame]:
         """One inference session: an open, then steps until the client closes the stream."""
@@ -160,10 +160,9 @@ class SpanHandlers:
                 finally:
                     self.open_sessions -= 1
         except Exception as e:
-            error = pb.InferenceResponse(error=_error_reply(e, "inference"))
-            await read_until_end(frames, timeout=1.0)  # the session is over: let the caller finish writing
-            for frame in to_frames(error):
+            for frame in to_frames(pb.InferenceResponse(error=_error_reply(e, "inference"))):
                 yield frame
+            await read_until_end(frames, timeout=1.0)  # the session is over: let the caller finish writing
 
     async def _run_session(
         self,
@@ -208,6 +207,8 @@ class SpanHandlers:
                 yield frame
 
     def _check_span(self, span: pb.Span, runner: SpanRunner) -> tuple[int, int]:
+        if span.start >= span.end:  # a malformed request, not a stale route: SpanNotServed would send the caller elsewhere
+            raise InvalidRequest(f"span {span.start}:{span.end} is empty")
         if not (runner.start <= span.start < span.end <= runner.end):
             raise SpanNotServed(
                 f"blocks {span.start}:{span.end} are not served here (this server holds {runner.start}:{runner.end})"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,11 +49,18 @@ def start_dht(
     identity_path: str | None = None,
     client_mode: bool = False,
 ) -> hivemind.DHT:
-    """Start a DHT peer that signs its records; raise ConfigError if no initial peer answers."""
+    """Start a DHT peer that signs its records; raise ConfigError if no initial peer answers.
+
+    Unreachable initial peers fail in bounded time with hivemind's defaults, so none are set here:
+    a closed port fails in under 1 s, a port that accepts but never speaks in about 6 s (p2pd gives
+    up connecting after 5 s; a peer that connects but ignores the DHT's ping is dropped after
+    DHTNode's `wait_timeout`, 3 s). Measured on loopback, hivemind 1.1.12.
+    """
     for maddr in initial_peers:
-        _check_maddr(maddr, "--initial-peers")
-    for maddr in host_maddrs:
-        _check_maddr(maddr, "--host-maddrs")
+        _check_maddr(maddr, "--initial-peers", needs_peer_id=True)
+    for flag, maddrs in (("--host-maddrs", host_maddrs), ("--announce-maddrs", announce_maddrs)):
+        for maddr in maddrs:
+            _check_maddr(maddr, flag, needs_peer_id=False)
     kwargs: dict[str, Any] = dict(host_maddrs=list(host_maddrs), client_mode=client_mode)
     if announce_maddrs:
         kwargs["announce_maddrs"] = list(announce_maddrs)
@@ -66,17 +74,31 @@ def start_dht(
             **kwargs,
         )
     except Exception as e:
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        message = _first_line(e)
         if "bootstrap" in message or "initial_peers" in message:
             raise ConfigError(f"none of the initial peers answered: {', '.join(initial_peers)}") from None
         raise SwarmError(f"could not start the DHT peer: {message}") from None
 
 
-def _check_maddr(maddr: str, flag: str) -> None:
+# p2pd's errors reach us as "Daemon failed to start: 2026/01/02 03:04:05 <what went wrong>".
+_GO_LOG_TIMESTAMP = re.compile(r"\d{4}/\d{2}/\d{2} \d{2}:\d{2}:\d{2} ")
+
+
+def _first_line(error: Exception) -> str:
+    """The first line of an error's message without p2pd's log timestamp, for a one-line CLI error."""
+    text = str(error).strip()
+    return _GO_LOG_TIMESTAMP.sub("", text.splitlines()[0]) if text else type(error).__name__
+
+
+def _check_maddr(maddr: str, flag: str, *, needs_peer_id: bool) -> None:
+    """ConfigError naming `flag` unless `maddr` parses (and, for a peer to join, names the peer's id)."""
+    example = "/ip4/127.0.0.1/tcp/31337/p2p/Qm..." if needs_peer_id else "/ip4/0.0.0.0/tcp/31337"
     try:
-        Multiaddr(maddr)
+        parsed = Multiaddr(maddr)
     except Exception:
-        raise ConfigError(f"{flag}: {maddr!r} is not a multiaddress (e.g. /ip4/127.0.0.1/tcp/31337/p2p/Qm...)") from None
+        raise ConfigError(f"{flag}: {maddr!r} is not a multiaddress (e.g. {example})") from None
+    if needs_peer_id and "p2p" not in parsed:  # p2pd would fail with a bare "invalid p2p multiaddr"
+        raise ConfigError(f"{flag}: {maddr!r} has no /p2p/PEER_ID part naming the peer (e.g. {example})")
 
 
 def visible_maddrs(dht: hivemind.DHT) -> list[str]:

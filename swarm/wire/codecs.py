@@ -13,10 +13,15 @@ token quantizes the same whether it travels alone (decode) or with others (prefi
 
 from __future__ import annotations
 
+import logging
 import math
 
-import bitsandbytes.functional as bnb_functional
-import torch
+# bitsandbytes warns at import, on CPUs with AVX512-BF16, that an optional kernel package is
+# missing (bitsandbytes/backends/cpu/ops.py); it falls back to its own kernels, which is fine here.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+import bitsandbytes.functional as bnb_functional  # noqa: E402
+import torch  # noqa: E402
 
 from swarm.errors import InvalidRequest
 from swarm.limits import WIRE_DTYPES

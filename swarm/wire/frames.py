@@ -52,11 +52,12 @@ async def read_message(
 
 
 async def read_until_end(frames: AsyncIterator[pb.Frame], timeout: float = 5.0) -> None:
-    """Consume a request stream to its end before replying.
+    """Consume a request stream to its end before the handler returns (after it has replied).
 
-    A handler that replies and returns while the caller is still writing its end-of-stream marker
-    makes hivemind close the stream under that write, and the caller then sees BrokenPipeError
-    instead of the reply. Anything but the end here is dropped: one request per stream.
+    A handler that returns while the caller is still writing its end-of-stream marker makes
+    hivemind close the stream under that write, and the caller then sees BrokenPipeError instead
+    of the reply. Replying first and draining after lets a caller that keeps its side open (an
+    inference session) see an error at once. Anything but the end here is dropped.
     """
     try:
         async with asyncio.timeout(timeout):
