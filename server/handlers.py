@@ -61,7 +61,6 @@ class SpanHandlers:
         self.activations = activations
         self.idle_timeout = idle_timeout
         self.hidden_size = runner.config.hidden_size
-        self.open_sessions = 0
 
     async def register(self, p2p: P2P) -> None:
         await p2p.add_protobuf_handler(RPC_INFO, self.rpc_info, pb.InfoRequest)
@@ -152,13 +151,9 @@ class SpanHandlers:
                 raise InvalidRequest(f"max_length {opening.max_length} is outside 1..{self.limits.max_session_length}")
             adapter = parse_adapter(opening.adapter, runner, start, end, self.limits.max_lora_rank)
             async with self.budget.reserve(opening.batch_size * opening.max_length, CACHE_WAIT_TIMEOUT):
-                self.open_sessions += 1
-                try:
-                    yield single_frame(pb.InferenceResponse(opened=pb.SessionOpened(max_length=opening.max_length)))
-                    async for frame in self._run_session(frames, opening, runner, adapter, start, end):
-                        yield frame
-                finally:
-                    self.open_sessions -= 1
+                yield single_frame(pb.InferenceResponse(opened=pb.SessionOpened(max_length=opening.max_length)))
+                async for frame in self._run_session(frames, opening, runner, adapter, start, end):
+                    yield frame
         except Exception as e:
             for frame in to_frames(pb.InferenceResponse(error=_error_reply(e, "inference"))):
                 yield frame
