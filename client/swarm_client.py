@@ -9,12 +9,10 @@ import time
 from collections import Counter
 
 from swarm import dht as swarm_dht
-from swarm.errors import MissingBlocksError, RemoteError
+from swarm.errors import MissingBlocksError
 from swarm.limits import ROUTE_WAIT
 from swarm.records import ServerRecord
-from swarm.transport import P2P, call_unary
-from swarm.wire import swarm_rpc_pb2 as pb
-from swarm.wire.rpc import RPC_INFO
+from swarm.transport import P2P, ping
 from swarm.client.event_loop import run_sync
 from swarm.client.retry import BanList, RetryPolicy
 from swarm.client.wire_codecs import WireCodecs
@@ -127,13 +125,8 @@ class SwarmClient:
             await asyncio.gather(*(self._ping(peer) for peer in stale))
 
     async def _ping(self, peer: str) -> None:
-        began = time.perf_counter()
-        try:
-            await call_unary(self.p2p, peer, RPC_INFO, pb.InfoRequest(), pb.InfoResponse, PING_TIMEOUT)
-            seconds = time.perf_counter() - began
-        except RemoteError:
-            seconds = PING_TIMEOUT
-        self._rtt[peer] = (seconds, time.monotonic())
+        seconds = await ping(self.p2p, peer, PING_TIMEOUT)
+        self._rtt[peer] = (seconds if seconds is not None else PING_TIMEOUT, time.monotonic())
 
 
 async def _close_p2p(p2p: P2P) -> None:

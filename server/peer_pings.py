@@ -8,13 +8,9 @@ the swarm's shape on the health page and serve a future server-to-server push.
 from __future__ import annotations
 
 import asyncio
-import time
 
-from swarm.errors import RemoteError
 from swarm.records import ServerRecord, ServerState
-from swarm.transport import P2P, call_unary
-from swarm.wire import swarm_rpc_pb2 as pb
-from swarm.wire.rpc import RPC_INFO
+from swarm.transport import P2P, ping
 
 PING_TIMEOUT = 2.0  # seconds; a server that does not answer in time is left out
 MAX_PINGED = 8  # servers pinged per refresh
@@ -23,14 +19,5 @@ MAX_PINGED = 8  # servers pinged per refresh
 async def ping_next_servers(p2p: P2P, own_peer: str, next_block: dict[str, ServerRecord]) -> tuple[tuple[str, float], ...]:
     """Round trips to up to MAX_PINGED online servers of the block after this server's span."""
     peers = [peer for peer, record in next_block.items() if peer != own_peer and record.state == ServerState.ONLINE]
-    results = await asyncio.gather(*(_ping(p2p, peer) for peer in peers[:MAX_PINGED]))
+    results = await asyncio.gather(*(ping(p2p, peer, PING_TIMEOUT) for peer in peers[:MAX_PINGED]))
     return tuple(sorted((peer, rtt) for peer, rtt in zip(peers, results) if rtt is not None))
-
-
-async def _ping(p2p: P2P, peer: str) -> float | None:
-    began = time.perf_counter()
-    try:
-        await call_unary(p2p, peer, RPC_INFO, pb.InfoRequest(), pb.InfoResponse, PING_TIMEOUT)
-    except RemoteError:
-        return None
-    return time.perf_counter() - began

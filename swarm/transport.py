@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import TypeVar
 
@@ -17,6 +18,7 @@ from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerErr
 
 from swarm.errors import CacheFull, InvalidRequest, PeerTimeout, RemoteError
 from swarm.wire import swarm_rpc_pb2 as pb
+from swarm.wire.rpc import RPC_INFO
 
 MessageT = TypeVar("MessageT", bound=Message)
 
@@ -62,3 +64,13 @@ def raise_for_error(peer_id: str, error: pb.Error) -> None:
     if error.kind == pb.Error.CACHE_FULL:
         raise CacheFull(f"server {peer_id[-8:]}: {error.message}")
     raise RemoteError(peer_id, error.message)
+
+
+async def ping(p2p: P2P, peer_id: str, timeout: float) -> float | None:
+    """Seconds an `info` call to the peer takes (our ping: hivemind's P2P has none), or None if it fails."""
+    began = time.perf_counter()
+    try:
+        await call_unary(p2p, peer_id, RPC_INFO, pb.InfoRequest(), pb.InfoResponse, timeout)
+    except RemoteError:
+        return None
+    return time.perf_counter() - began

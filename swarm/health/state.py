@@ -28,10 +28,7 @@ import dataclasses
 import time
 
 from swarm.dht import DHT, fetch_model_index, fetch_records_at
-from swarm.errors import SwarmError
-from swarm.transport import P2P, call_unary
-from swarm.wire import swarm_rpc_pb2 as pb
-from swarm.wire.rpc import RPC_INFO
+from swarm.transport import P2P, ping
 from swarm.records import ServerRecord, ServerState, block_ranges
 
 
@@ -90,21 +87,16 @@ class SwarmState:
 async def probe_servers(state: SwarmState, p2p: P2P) -> SwarmState:
     """The same state with each server's answer to an info call (round trip in ms, or None)."""
     peers = {server.peer_id for model in state.models for server in model.servers}
-    rtts = dict(zip(peers, await asyncio.gather(*(_probe(p2p, peer) for peer in peers))))
+    rtts = dict(zip(peers, await asyncio.gather(*(ping(p2p, peer, PROBE_TIMEOUT) for peer in peers))))
     models = [
-        dataclasses.replace(model, servers=[dataclasses.replace(s, probe_ms=rtts.get(s.peer_id)) for s in model.servers])
+        dataclasses.replace(model, servers=[dataclasses.replace(s, probe_ms=_milliseconds(rtts.get(s.peer_id))) for s in model.servers])
         for model in state.models
     ]
     return dataclasses.replace(state, models=models)
 
 
-async def _probe(p2p: P2P, peer: str) -> float | None:
-    began = time.perf_counter()
-    try:
-        await call_unary(p2p, peer, RPC_INFO, pb.InfoRequest(), pb.InfoResponse, PROBE_TIMEOUT)
-    except SwarmError:
-        return None
-    return (time.perf_counter() - began) * 1e3
+def _milliseconds(seconds: float | None) -> float | None:
+    return seconds * 1e3 if seconds is not None else None
 
 
 def collect_state(dht: DHT) -> SwarmState:
