@@ -54,6 +54,7 @@ class Served:
     model_path: Path
     initial_peers: list[str]
     local: Callable[[torch.Tensor], torch.Tensor]  # (batch, seq, hidden) through blocks 0:3, locally
+    server_log: Callable[[], str]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def served(tiny_models: dict[str, Path]) -> Iterator[Served]:
     client = None
     try:
         swarm.start_dht()
-        swarm.start_server(path, "0:3", *SERVER_FLAGS)
+        server = swarm.start_server(path, "0:3", *SERVER_FLAGS)
         client = SwarmClient(swarm.initial_peers, model_dht_prefix(path), NUM_BLOCKS, codecs=RAW)
         client.start()
         (peer,) = fetch_block_records(client.dht, client.dht_prefix, NUM_BLOCKS)[0]
@@ -73,7 +74,7 @@ def served(tiny_models: dict[str, Path]) -> Iterator[Served]:
             with torch.no_grad():  # hidden_states[3]: the output of blocks 0..2, before the final norm
                 return model.model(inputs_embeds=hidden, output_hidden_states=True).hidden_states[3]
 
-        yield Served(client, peer, path, swarm.initial_peers, local)
+        yield Served(client, peer, path, swarm.initial_peers, local, server.output)
     finally:
         if client is not None:
             client.shutdown()
@@ -119,9 +120,9 @@ def forward_request(hidden: pb.Tensor, span: tuple[int, int] = (0, 3), **fields:
     return pb.ForwardRequest(span=pb.Span(start=span[0], end=span[1]), hidden_states=hidden, **fields)
 
 
-def tensor_with(values: torch.Tensor | None = None, codec: str = "none", **changes: object) -> pb.Tensor:
-    """An encoded (1, 4, hidden) tensor with some header fields or bytes changed afterwards."""
-    message = encode(torch.randn(1, 4, HIDDEN) if values is None else values, codec)
+def tensor_with(encoded_with: str = "none", **changes: object) -> pb.Tensor:
+    """A random (1, 4, hidden) tensor encoded with `encoded_with`, then some fields of it changed."""
+    message = encode(torch.randn(1, 4, HIDDEN), encoded_with)
     for name, value in changes.items():
         if name == "shape":
             del message.shape[:]
@@ -137,7 +138,8 @@ GOOD_INPUT = torch.randn(2, 5, HIDDEN, generator=torch.Generator().manual_seed(0
 
 
 def assert_still_serving(served: Served) -> None:
-    """A good forward and a good inference session (prefill, then one token) equal local blocks 0:3."""
+    """A good forward and a good inference session (prefill, then one token) equal local blocks 0:3,
+    and no bad request so far made the server fail inside (it would log a traceback)."""
     expected = served.local(GOOD_INPUT)
     (reply,) = exchange(served, RPC_FORWARD, [forward_request(encode(GOOD_INPUT))], pb.ForwardResponse)
     assert not reply.HasField("error"), reply.error.message
@@ -151,11 +153,12 @@ def assert_still_serving(served: Served) -> None:
     finally:
         run_sync(session.close())
     torch.testing.assert_close(torch.cat([prefill, last], dim=1), expected, atol=1e-5, rtol=0)
+    assert "Traceback" not in served.server_log(), served.server_log()
 
 
 # ---- forward -----------------------------------------------------------------------------------
 
-INT8_NAN_SCALES = tensor_with(codec="int8", scales=b"\x00\x00\xc0\x7f" * 4)  # 256 values: 4 blocks of 64
+INT8_NAN_SCALES = tensor_with("int8", scales=b"\x00\x00\xc0\x7f" * 4)  # 256 values: 4 blocks of 64
 
 
 @pytest.mark.parametrize(
@@ -177,11 +180,11 @@ INT8_NAN_SCALES = tensor_with(codec="int8", scales=b"\x00\x00\xc0\x7f" * 4)  # 2
                      "float32 of shape (1, 5, 64) needs 1280 bytes, got 1024", id="data-shorter-than-shape"),
         pytest.param(forward_request(tensor_with(shape=[1, 3, HIDDEN])), InvalidRequest,
                      "needs 768 bytes, got 1024", id="data-longer-than-shape"),
-        pytest.param(forward_request(tensor_with(codec="fp16", data=b"\x00" * 7)), InvalidRequest,
+        pytest.param(forward_request(tensor_with("fp16", data=b"\x00" * 7)), InvalidRequest,
                      "fp16 of shape (1, 4, 64) needs 512 bytes, got 7", id="fp16-data-length"),
         pytest.param(forward_request(tensor_with(codec="zip")), InvalidRequest, "unknown codec 'zip'", id="unknown-codec"),
         pytest.param(forward_request(INT8_NAN_SCALES), InvalidRequest, "int8 scales must be finite", id="int8-nan-scales"),
-        pytest.param(forward_request(tensor_with(codec="int8", block_size=32)), InvalidRequest,
+        pytest.param(forward_request(tensor_with("int8", block_size=32)), InvalidRequest,
                      "int8 block size 32 is not supported", id="int8-block-size"),
         pytest.param(forward_request(encode(torch.full((1, 4, HIDDEN), float("nan")))), InvalidRequest,
                      "hidden states contain NaN or Inf", id="nan"),

@@ -6,6 +6,9 @@ reference is plain transformers + peft with the very same adapter weights.
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
@@ -183,6 +186,36 @@ def test_batches_are_split_over_replicated_servers(tiny_models):
         for _ in range(6):  # parts draw their routes by throughput: over a few steps, both servers get some
             remote(ids, labels=ids).loss.backward()
         assert all(any("forward (kept) compute" in line for line in server.lines) for server in servers)
+        remote.swarm_client.shutdown()
+    finally:
+        swarm.stop()
+
+
+def test_backward_survives_the_death_of_the_forward_server(tiny_models):
+    """The server that kept the forward dies before backward: backward recomputes on the other replica."""
+    path = tiny_models["llama"]
+    swarm = LocalSwarm(server_env={"SWARM_LOG_LEVEL": "DEBUG"})
+    try:
+        swarm.start_dht()
+        servers = swarm.start_servers(path, ["0:6", "0:6"], "--num-threads", "1", "--throughput", "100")
+        remote = remote_model(path, swarm)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj", "up_proj"], init_lora_weights=False)
+        remote.add_adapter(config)
+        local = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), config)
+        set_peft_model_state_dict(local, remote.swarm_adapters["default"].peft_state_dict())
+        ids = torch.randint(3, 211, (1, 9), generator=torch.Generator().manual_seed(12))
+        loss = remote(ids, labels=ids).loss
+        (holder,) = [server for server in servers if any("forward (kept) compute" in line for line in server.lines)]
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.popen.wait(10)
+        loss.backward()
+        local(ids, labels=ids).loss.backward()
+        expected = {n.replace(".default", ""): p.grad for n, p in local.named_parameters() if p.requires_grad}
+        lora = remote.swarm_adapters["default"]
+        for name, tensor in zip(lora.peft_state_dict(), lora.tensors()):
+            torch.testing.assert_close(tensor.grad, expected[name], atol=1e-5, rtol=1e-4)
+        (survivor,) = [server for server in servers if server is not holder]
+        assert any("backward for blocks 0:6: recompute" in line for line in survivor.lines)
         remote.swarm_client.shutdown()
     finally:
         swarm.stop()
