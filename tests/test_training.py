@@ -31,6 +31,30 @@ def remote_model(path, swarm, **kwargs):  # noqa: ANN001, ANN003, ANN201
     return AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers, wire_codec="none", **kwargs)
 
 
+def assert_grads_match_local_peft(remote, path, ids: torch.Tensor) -> None:  # noqa: ANN001
+    """The remote LoRA's gradients equal those of a local peft model with the same weights on `ids`."""
+    lora = remote.swarm_adapters["default"]
+    local = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), lora.peft_config)
+    set_peft_model_state_dict(local, lora.peft_state_dict())
+    local(ids, labels=ids).loss.backward()
+    expected = {n.replace(".default", ""): p.grad for n, p in local.named_parameters() if p.requires_grad}
+    for name, tensor in zip(lora.peft_state_dict(), lora.tensors()):
+        torch.testing.assert_close(tensor.grad, expected[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.fixture
+def replicated_llama(tiny_models):
+    """Two servers holding all 6 blocks of the tiny llama, logging at DEBUG: (path, swarm, servers)."""
+    path = tiny_models["llama"]
+    swarm = LocalSwarm(server_env={"SWARM_LOG_LEVEL": "DEBUG"})
+    try:
+        swarm.start_dht()
+        servers = swarm.start_servers(path, ["0:6", "0:6"], "--num-threads", "1", "--throughput", "100")
+        yield path, swarm, servers
+    finally:
+        swarm.stop()
+
+
 def batch() -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.randint(3, 211, (2, 10), generator=torch.Generator().manual_seed(5))
     return ids, ids.clone()
@@ -151,71 +175,42 @@ def test_two_clients_training_different_adapters_do_not_mix(family_swarm):
         for loss in reversed(losses):
             loss.backward()
         for client in clients:
-            config = client.swarm_adapters["default"].peft_config
-            local = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), config)
-            set_peft_model_state_dict(local, client.swarm_adapters["default"].peft_state_dict())
-            local(ids, labels=labels).loss.backward()
-            expected = {n.replace(".default", ""): p.grad for n, p in local.named_parameters() if p.requires_grad}
-            lora = client.swarm_adapters["default"]
-            for name, tensor in zip(lora.peft_state_dict(), lora.tensors()):
-                torch.testing.assert_close(tensor.grad, expected[name], atol=1e-5, rtol=1e-4)
+            assert_grads_match_local_peft(client, path, ids)
     finally:
         for client in clients:
             client.swarm_client.shutdown()
 
 
-def test_batches_are_split_over_replicated_servers(tiny_models):
+def test_batches_are_split_over_replicated_servers(replicated_llama):
     """Two servers hold every block: a batch goes half to each, and the gradients stay exact."""
-    path = tiny_models["llama"]
-    swarm = LocalSwarm(server_env={"SWARM_LOG_LEVEL": "DEBUG"})
+    path, swarm, servers = replicated_llama
+    remote = remote_model(path, swarm)
     try:
-        swarm.start_dht()
-        servers = swarm.start_servers(path, ["0:6", "0:6"], "--num-threads", "1", "--throughput", "100")
-        remote = remote_model(path, swarm)
-        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
-        remote.add_adapter(config)
-        local = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), config)
-        set_peft_model_state_dict(local, remote.swarm_adapters["default"].peft_state_dict())
+        remote.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
         ids = torch.randint(3, 211, (4, 9), generator=torch.Generator().manual_seed(11))
         remote(ids, labels=ids).loss.backward()
-        local(ids, labels=ids).loss.backward()
-        expected = {n.replace(".default", ""): p.grad for n, p in local.named_parameters() if p.requires_grad}
-        lora = remote.swarm_adapters["default"]
-        for name, tensor in zip(lora.peft_state_dict(), lora.tensors()):
-            torch.testing.assert_close(tensor.grad, expected[name], atol=1e-5, rtol=1e-4)
+        assert_grads_match_local_peft(remote, path, ids)
         for _ in range(6):  # parts draw their routes by throughput: over a few steps, both servers get some
             remote(ids, labels=ids).loss.backward()
         assert all(any("forward (kept) compute" in line for line in server.lines) for server in servers)
-        remote.swarm_client.shutdown()
     finally:
-        swarm.stop()
+        remote.swarm_client.shutdown()
 
 
-def test_backward_survives_the_death_of_the_forward_server(tiny_models):
+def test_backward_survives_the_death_of_the_forward_server(replicated_llama):
     """The server that kept the forward dies before backward: backward recomputes on the other replica."""
-    path = tiny_models["llama"]
-    swarm = LocalSwarm(server_env={"SWARM_LOG_LEVEL": "DEBUG"})
+    path, swarm, servers = replicated_llama
+    remote = remote_model(path, swarm)
     try:
-        swarm.start_dht()
-        servers = swarm.start_servers(path, ["0:6", "0:6"], "--num-threads", "1", "--throughput", "100")
-        remote = remote_model(path, swarm)
-        config = LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj", "up_proj"], init_lora_weights=False)
-        remote.add_adapter(config)
-        local = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), config)
-        set_peft_model_state_dict(local, remote.swarm_adapters["default"].peft_state_dict())
+        remote.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj", "up_proj"], init_lora_weights=False))
         ids = torch.randint(3, 211, (1, 9), generator=torch.Generator().manual_seed(12))
         loss = remote(ids, labels=ids).loss
         (holder,) = [server for server in servers if any("forward (kept) compute" in line for line in server.lines)]
         os.killpg(holder.pid, signal.SIGKILL)
         holder.popen.wait(10)
         loss.backward()
-        local(ids, labels=ids).loss.backward()
-        expected = {n.replace(".default", ""): p.grad for n, p in local.named_parameters() if p.requires_grad}
-        lora = remote.swarm_adapters["default"]
-        for name, tensor in zip(lora.peft_state_dict(), lora.tensors()):
-            torch.testing.assert_close(tensor.grad, expected[name], atol=1e-5, rtol=1e-4)
+        assert_grads_match_local_peft(remote, path, ids)
         (survivor,) = [server for server in servers if server is not holder]
         assert any("backward for blocks 0:6: recompute" in line for line in survivor.lines)
-        remote.swarm_client.shutdown()
     finally:
-        swarm.stop()
+        remote.swarm_client.shutdown()
