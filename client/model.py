@@ -27,7 +27,15 @@ from swarm.wire.codecs import DEFAULT_CODEC
 from swarm.model_id import model_dht_prefix, validate_dht_prefix
 from swarm.model_source import resolve_model
 from swarm.client.inference_session import InferenceSession
-from swarm.client.remote_sequential import RemoteCache, RemoteSequential
+from swarm.cache_argument import cache_argument
+from swarm.client.remote_sequential import (
+    CacheNotPassed,
+    RemoteCache,
+    RemoteSequential,
+    find_remote_cache,
+    generating,
+    require_session_cache,
+)
 from swarm.client.routing import RouteHop
 from swarm.client.tuning_api import SwarmTuningMixin
 from swarm.client.wire_codecs import WireCodecs
@@ -40,6 +48,7 @@ class DistributedCausalLMMixin:
     """What a distributed model adds to its transformers class: sessions and session-aware generate()."""
 
     swarm_client: SwarmClient
+    transformers_class: type[PreTrainedModel]  # the family's own class, which the mixin sits in front of
     _active_session: InferenceSession | None = None
 
     @contextlib.contextmanager
@@ -83,15 +92,18 @@ class DistributedCausalLMMixin:
         with self.inference_session(max_length=max_length, batch_size=batch_size) as new_session:
             return self._generate_in_session(new_session, inputs, *args, **kwargs)
 
-    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, inputs_embeds=None, labels=None, **kwargs):  # noqa: ANN001, ANN003, ANN201
+    def forward(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, labels=None, **kwargs):  # noqa: ANN001, ANN003, ANN201
         """transformers' forward, with prompt tuning's trainable prompts put before the tokens.
 
         The prompts go in once per sequence: always without a session, at the first step with one.
-        Their positions are dropped from the logits, so outputs line up with the tokens.
+        Their positions are dropped from the logits, so outputs line up with the tokens. The cache
+        travels on in `kwargs` under whatever name transformers gave it (see remote_sequential).
         """
-        _check_padding(attention_mask, allow_right_padding=not isinstance(past_key_values, RemoteCache))
+        cache = find_remote_cache((), kwargs)
+        require_session_cache(cache)
+        _check_padding(attention_mask, allow_right_padding=cache is None)
+        session = cache.session if cache is not None else None
         prefix = self.pre_seq_len
-        session = past_key_values.session if isinstance(past_key_values, RemoteCache) else None
         if prefix and (session is None or session.position == 0):
             if inputs_embeds is None:
                 inputs_embeds = self.get_input_embeddings()(input_ids)
@@ -106,8 +118,8 @@ class DistributedCausalLMMixin:
                 session.prefix_length = prefix
         else:
             prefix = 0
-        output = super().forward(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
-                                 inputs_embeds=inputs_embeds, labels=labels, **kwargs)
+        output = super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                 labels=labels, **kwargs)
         if prefix:
             output.logits = output.logits[:, prefix:]
         return output
@@ -123,9 +135,18 @@ class DistributedCausalLMMixin:
             session.position = session.prefix_length = 0  # start over: prompts (if any) go in again
         else:
             session.position = session.prefix_length + reused
-        output = super().generate(inputs, *args, past_key_values=RemoteCache(session), **kwargs)  # type: ignore[misc]
-        session.token_ids = output[:, : session.position - session.prefix_length]
-        session.last_output = output
+        cache = {cache_argument(self.transformers_class.forward): RemoteCache(session)}
+        with generating(session):
+            output = super().generate(inputs, *args, **cache, **kwargs)  # type: ignore[misc]
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        seen = session.position - session.prefix_length
+        if sequences.shape[1] > inputs.shape[1] and seen != sequences.shape[1] - 1:
+            raise CacheNotPassed(
+                f"generate() returned {sequences.shape[1]} tokens per sequence but the servers' session saw {seen}: "
+                "its steps did not go through the session"
+            )
+        session.token_ids = sequences[:, :seen]
+        session.last_output = sequences
         return output
 
 
@@ -153,7 +174,9 @@ def _common_prefix_length(seen: torch.Tensor | None, inputs: torch.Tensor) -> in
 @functools.cache
 def distributed_class(model_class: type[PreTrainedModel]) -> type[PreTrainedModel]:
     """`Distributed<Name>`: the transformers class with the mixin in front, made once per class."""
-    return type(f"Distributed{model_class.__name__}", (SwarmTuningMixin, DistributedCausalLMMixin, model_class), {})
+    cache_argument(model_class.forward)  # a transformers release whose cache argument is unknown fails here, at load
+    bases = (SwarmTuningMixin, DistributedCausalLMMixin, model_class)
+    return type(f"Distributed{model_class.__name__}", bases, {"transformers_class": model_class})
 
 
 class AutoDistributedModelForCausalLM:

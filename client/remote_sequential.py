@@ -6,16 +6,26 @@ Given a `RemoteCache` (an inference session's), it runs one session step; with a
 (inputs or adapter tensors that require grad), it runs the differentiable RemoteBlocks; otherwise
 a plain forward. The attention mask and rotary embeddings that transformers computes for it are
 not needed: each server builds its own from positions.
+
+The cache is found by its type among the call's arguments, whatever transformers names it
+(`past_key_values` in 5.23, `cache` in 5.24). While generate() runs in a session (`generating`),
+a call that arrives without the session's cache is an error, never a silent stateless forward:
+that is how a transformers release that renames the argument again shows up at once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import torch
+import transformers
 from torch import nn
 from transformers import DynamicCache
 
+from swarm.errors import SwarmError
 from swarm.client.adapters import RequestAdapter
 from swarm.client.event_loop import run_sync
 from swarm.client.inference_session import InferenceSession
@@ -39,6 +49,53 @@ class RemoteCache(DynamicCache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.session.position - self.session.prefix_length
 
+    @property
+    def is_linear(self) -> list[bool]:
+        """The remote layers hold attention keys and values, none is a linear (SSM) state.
+
+        A local DynamicCache would say so per layer it holds; this one holds none, and `all([])`
+        made transformers 5.24's generate() treat it as linear and send the whole prompt again.
+        """
+        return [False] * self.session.client.num_blocks
+
+
+class CacheNotPassed(SwarmError):
+    """generate() ran a model step without handing over the session's cache."""
+
+
+# The session whose generate() call is running in this thread or task, if any.
+_generating: contextvars.ContextVar[InferenceSession | None] = contextvars.ContextVar("swarm_generating", default=None)
+
+
+@contextlib.contextmanager
+def generating(session: InferenceSession) -> Iterator[None]:
+    """Mark a generate() call in `session`: every remote call inside must then carry its cache."""
+    token = _generating.set(session)
+    try:
+        yield
+    finally:
+        _generating.reset(token)
+
+
+def find_remote_cache(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> RemoteCache | None:
+    """The RemoteCache among a call's arguments, under whatever name transformers passed it."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, RemoteCache):
+            return value
+    return None
+
+
+def require_session_cache(cache: RemoteCache | None) -> None:
+    """Raise CacheNotPassed if a generate() in a session is running but `cache` is not its cache."""
+    expected = _generating.get()
+    if expected is not None and (cache is None or cache.session is not expected):
+        raise CacheNotPassed(
+            f"generate() called the model without the inference session's cache (transformers "
+            f"{transformers.__version__} passed it under a name or in a way Swarm does not know); refusing to "
+            "send context-free forwards that would produce wrong tokens. Install the tested versions "
+            "(requirements/lock.txt)."
+        )
+
 
 class RemoteSequential(nn.Module):
     def __init__(self, client: SwarmClient, adapter: Callable[[], RequestAdapter | None] = lambda: None):
@@ -46,10 +103,12 @@ class RemoteSequential(nn.Module):
         self.client = client
         self.adapter = adapter  # the model's active adapter, looked up at each call
 
-    def forward(self, hidden_states: torch.Tensor, past_key_values: object = None, **_: object) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Hidden states (batch, seq, hidden) through every remote block."""
-        if isinstance(past_key_values, RemoteCache):
-            return past_key_values.session.step(hidden_states).to(hidden_states.dtype)
+        cache = find_remote_cache(args, kwargs)
+        require_session_cache(cache)
+        if cache is not None:
+            return cache.session.step(hidden_states).to(hidden_states.dtype)
         adapter = self.adapter()
         tensors = adapter.tensors() if adapter is not None else []
         if torch.is_grad_enabled() and (hidden_states.requires_grad or any(t.requires_grad for t in tensors)):

@@ -61,6 +61,7 @@ class SpanHandlers:
         self.activations = activations
         self.idle_timeout = idle_timeout
         self.hidden_size = runner.config.hidden_size
+        self.served = pb.RequestCounts()  # completed requests by kind, reported by `info`
 
     async def register(self, p2p: P2P) -> None:
         await p2p.add_protobuf_handler(RPC_INFO, self.rpc_info, pb.InfoRequest)
@@ -72,6 +73,7 @@ class SpanHandlers:
         info = pb.InfoResponse()
         info.CopyFrom(self.info)
         info.cache_tokens_left = self.budget.tokens_left
+        info.served.CopyFrom(self.served)
         return info
 
     async def rpc_forward(self, frames: AsyncIterator[pb.Frame], context: object) -> AsyncIterator[pb.Frame]:
@@ -94,6 +96,7 @@ class SpanHandlers:
             else:
                 output = await self.worker.submit(PRIORITY_FORWARD, functools.partial(_run_frozen, runner, hidden, start, end, adapter))
             response = pb.ForwardResponse(hidden_states=encode(output, response_codec))
+            self.served.forwards += 1
         except Exception as e:
             response = pb.ForwardResponse(error=_error_reply(e, "forward"))
         for frame in to_frames(response):
@@ -130,6 +133,7 @@ class SpanHandlers:
             )
             if prompt_grads is not None:
                 response.deep_prompt_grads.CopyFrom(encode(prompt_grads))
+            self.served.backwards += 1
         except Exception as e:
             response = pb.BackwardResponse(error=_error_reply(e, "backward"))
         for frame in to_frames(response):
@@ -152,6 +156,7 @@ class SpanHandlers:
             adapter = parse_adapter(opening.adapter, runner, start, end, self.limits.max_lora_rank)
             async with self.budget.reserve(opening.batch_size * opening.max_length, CACHE_WAIT_TIMEOUT):
                 yield single_frame(pb.InferenceResponse(opened=pb.SessionOpened(max_length=opening.max_length)))
+                self.served.sessions_opened += 1
                 async for frame in self._run_session(frames, opening, runner, adapter, start, end):
                     yield frame
         except Exception as e:
@@ -198,6 +203,7 @@ class SpanHandlers:
             output = await self.worker.submit(PRIORITY_INFERENCE, compute)
             position += hidden.shape[1]
             result = pb.StepResult(hidden_states=encode(output, response_codec), position=position, step_id=step.step_id)
+            self.served.inference_steps += 1
             for frame in to_frames(pb.InferenceResponse(step=result)):
                 yield frame
 
@@ -211,17 +217,22 @@ class SpanHandlers:
         return span.start, span.end
 
     def _check_hidden(self, message: pb.Tensor, what: str = "hidden states") -> torch.Tensor:
-        """Hidden states or their gradients (batch, seq, hidden) within this server's limits, finite."""
-        hidden = decode(message, max_elements=self.limits.max_tokens_per_request * self.hidden_size)
-        if hidden.ndim != 3 or hidden.shape[2] != self.hidden_size:
-            raise InvalidRequest(f"{what} must have shape (batch, seq, {self.hidden_size}), got {tuple(hidden.shape)}")
-        batch, seq_len, _ = hidden.shape
+        """Hidden states or their gradients (batch, seq, hidden) within this server's limits, finite.
+
+        The declared shape is checked before anything is decoded, so a tensor over the limits costs
+        nothing and its error speaks of batch and tokens; decode then checks the bytes against it.
+        """
+        shape = tuple(message.shape)
+        if len(shape) != 3 or shape[2] != self.hidden_size:
+            raise InvalidRequest(f"{what} must have shape (batch, seq, {self.hidden_size}), got {shape}")
+        batch, seq_len, _ = shape
         if batch == 0 or seq_len == 0:
-            raise InvalidRequest(f"{what} of shape {tuple(hidden.shape)} are empty")
+            raise InvalidRequest(f"{what} of shape {shape} are empty")
         if batch > self.limits.max_batch_size:
             raise InvalidRequest(f"batch {batch} exceeds the limit {self.limits.max_batch_size}")
         if batch * seq_len > self.limits.max_tokens_per_request:
             raise InvalidRequest(f"{batch * seq_len} tokens in one request exceed the limit {self.limits.max_tokens_per_request}")
+        hidden = decode(message)
         if not torch.isfinite(hidden).all():
             raise InvalidRequest(f"{what} contain NaN or Inf")
         return hidden
@@ -254,10 +265,10 @@ def single_frame(message: pb.InferenceResponse) -> pb.Frame:
 
 def _error_reply(error: Exception, rpc: str) -> pb.Error:
     if isinstance(error, SpanNotServed):
-        logger.info("rejected a %s request: %s", rpc, error)
+        logger.info("rejected %s request: %s", rpc, error)
         return pb.Error(kind=pb.Error.SPAN_NOT_SERVED, message=str(error))
     if isinstance(error, InvalidRequest):
-        logger.info("rejected a %s request: %s", rpc, error)
+        logger.info("rejected %s request: %s", rpc, error)
         return pb.Error(kind=pb.Error.INVALID_REQUEST, message=str(error))
     if isinstance(error, CacheFull):
         logger.info("refused an inference session: %s", error)

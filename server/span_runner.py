@@ -4,6 +4,7 @@ Follows the recipe verified in notes/transformers-spans.md: layers keep their ab
 rotary embeddings come from the config, positions come from the session's own counter (never
 from `cache.get_seq_length()`), and each attention kind's mask is built with `layer_idx` set to
 the first layer of that kind in the span, so a span cache that starts at block k>0 is masked right.
+The cache goes to layers and mask builders under the name their signatures give (swarm.cache_argument).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from torch import nn
 from transformers import DynamicCache, PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from swarm.cache_argument import cache_argument
 from swarm.families import SLIDING_ATTENTION, ModelFamily
 
 _MASK_BUILDERS = {SLIDING_ATTENTION: create_sliding_window_causal_mask}
@@ -29,6 +31,7 @@ class SpanRunner(nn.Module):
         self.layers = layers
         self.rotary = family.rotary_class(config)(config=config)
         self.attention_kinds = family.attention_kinds(config)
+        self.layer_cache_argument = cache_argument(type(layers[0]).forward)
 
     def forward(
         self,
@@ -58,15 +61,15 @@ class SpanRunner(nn.Module):
                     config=self.config,
                     inputs_embeds=hidden_states,
                     attention_mask=None,
-                    past_key_values=cache,
                     position_ids=position_ids,
                     layer_idx=index,
+                    **{cache_argument(build): cache},
                 )
         for index in range(start, end):
             hidden_states = self.layers[index - self.start](
                 hidden_states,
                 attention_mask=masks[self.attention_kinds[index]],
                 position_embeddings=position_embeddings,
-                past_key_values=cache,
+                **{self.layer_cache_argument: cache},
             )
         return hidden_states

@@ -175,7 +175,9 @@ INT8_NAN_SCALES = tensor_with("int8", scales=b"\x00\x00\xc0\x7f" * 4)  # 256 val
                      "dtype 'float64' is not allowed (allowed: float32, bfloat16, float16)", id="dtype-not-allowed"),
         pytest.param(forward_request(tensor_with(dtype="fp33")), InvalidRequest, "dtype 'fp33' is not allowed",
                      id="unknown-dtype"),
-        pytest.param(forward_request(pb.Tensor()), InvalidRequest, "dtype '' is not allowed", id="no-tensor"),
+        pytest.param(forward_request(pb.Tensor()), InvalidRequest, "must have shape (batch, seq, 64), got ()", id="no-tensor"),
+        pytest.param(forward_request(tensor_with(shape=[1, 2**40, HIDDEN])), InvalidRequest,
+                     "1099511627776 tokens in one request exceed the limit 64", id="huge-declared-shape"),
         pytest.param(forward_request(tensor_with(shape=[1, 5, HIDDEN])), InvalidRequest,
                      "float32 of shape (1, 5, 64) needs 1280 bytes, got 1024", id="data-shorter-than-shape"),
         pytest.param(forward_request(tensor_with(shape=[1, 3, HIDDEN])), InvalidRequest,
@@ -191,7 +193,7 @@ INT8_NAN_SCALES = tensor_with("int8", scales=b"\x00\x00\xc0\x7f" * 4)  # 256 val
         pytest.param(forward_request(encode(torch.full((1, 4, HIDDEN), float("-inf")))), InvalidRequest,
                      "hidden states contain NaN or Inf", id="inf"),
         pytest.param(forward_request(encode(torch.randn(1, 65, HIDDEN))), InvalidRequest,
-                     "has 4160 elements, more than the limit 4096", id="tokens-over-limit"),
+                     "65 tokens in one request exceed the limit 64", id="tokens-over-limit"),
         pytest.param(forward_request(encode(torch.randn(5, 2, HIDDEN))), InvalidRequest,
                      "batch 5 exceeds the limit 4", id="batch-over-limit"),
         pytest.param(forward_request(encode(torch.randn(1, 0, HIDDEN))), InvalidRequest,
@@ -340,7 +342,8 @@ def test_bad_sessions_are_refused_while_another_client_decodes(served, bystander
         began = time.monotonic()
         error = make_error()
         assert type(error) is error_type and needle in str(error), repr(error)
-        assert time.monotonic() - began < 5, f"{needle!r} took {time.monotonic() - began:.1f} s"
+        # At once: the server replies before it waits (up to 1 s) for the caller to close its side.
+        assert time.monotonic() - began < 0.9, f"{needle!r} took {time.monotonic() - began:.1f} s"
         bystander_step()
     for items, needle in hand_built:
         error = error_of(served, RPC_INFERENCE, items, pb.InferenceResponse)

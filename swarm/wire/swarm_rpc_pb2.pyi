@@ -62,7 +62,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("version", "dht_prefix", "span", "hidden_size", "torch_dtype", "cache_tokens_left", "codecs", "max_batch_size", "max_tokens_per_request", "max_session_length", "max_lora_rank")
+    __slots__ = ("version", "dht_prefix", "span", "hidden_size", "torch_dtype", "cache_tokens_left", "codecs", "max_batch_size", "max_tokens_per_request", "max_session_length", "max_lora_rank", "served")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DHT_PREFIX_FIELD_NUMBER: _ClassVar[int]
     SPAN_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +74,7 @@ class InfoResponse(_message.Message):
     MAX_TOKENS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_SESSION_LENGTH_FIELD_NUMBER: _ClassVar[int]
     MAX_LORA_RANK_FIELD_NUMBER: _ClassVar[int]
+    SERVED_FIELD_NUMBER: _ClassVar[int]
     version: str
     dht_prefix: str
     span: Span
@@ -85,7 +86,20 @@ class InfoResponse(_message.Message):
     max_tokens_per_request: int
     max_session_length: int
     max_lora_rank: int
-    def __init__(self, version: _Optional[str] = ..., dht_prefix: _Optional[str] = ..., span: _Optional[_Union[Span, _Mapping]] = ..., hidden_size: _Optional[int] = ..., torch_dtype: _Optional[str] = ..., cache_tokens_left: _Optional[int] = ..., codecs: _Optional[_Iterable[str]] = ..., max_batch_size: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., max_session_length: _Optional[int] = ..., max_lora_rank: _Optional[int] = ...) -> None: ...
+    served: RequestCounts
+    def __init__(self, version: _Optional[str] = ..., dht_prefix: _Optional[str] = ..., span: _Optional[_Union[Span, _Mapping]] = ..., hidden_size: _Optional[int] = ..., torch_dtype: _Optional[str] = ..., cache_tokens_left: _Optional[int] = ..., codecs: _Optional[_Iterable[str]] = ..., max_batch_size: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., max_session_length: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., served: _Optional[_Union[RequestCounts, _Mapping]] = ...) -> None: ...
+
+class RequestCounts(_message.Message):
+    __slots__ = ("sessions_opened", "inference_steps", "forwards", "backwards")
+    SESSIONS_OPENED_FIELD_NUMBER: _ClassVar[int]
+    INFERENCE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    FORWARDS_FIELD_NUMBER: _ClassVar[int]
+    BACKWARDS_FIELD_NUMBER: _ClassVar[int]
+    sessions_opened: int
+    inference_steps: int
+    forwards: int
+    backwards: int
+    def __init__(self, sessions_opened: _Optional[int] = ..., inference_steps: _Optional[int] = ..., forwards: _Optional[int] = ..., backwards: _Optional[int] = ...) -> None: ...
 
 class NamedTensor(_message.Message):
     __slots__ = ("name", "tensor")
