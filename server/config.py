@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from swarm.dht import check_maddrs
 from swarm.errors import ConfigError
 from swarm.server.quantization import QUANT_TYPES
 from swarm.limits import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SESSION_LENGTH, DEFAULT_MAX_TOKENS_PER_REQUEST
@@ -73,6 +74,7 @@ class ServerConfig:
             raise ConfigError("--num-threads must be positive")
         if len(self.public_name) > 64:
             raise ConfigError("--public-name must be at most 64 characters")
+        check_maddrs(self.initial_peers, self.host_maddrs, self.announce_maddrs)  # before loading and benchmarking
 
 
 def parse_block_range(text: str, num_blocks: int) -> tuple[int, int]:

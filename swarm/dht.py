@@ -56,11 +56,7 @@ def start_dht(
     up connecting after 5 s; a peer that connects but ignores the DHT's ping is dropped after
     DHTNode's `wait_timeout`, 3 s). Measured on loopback, hivemind 1.1.12.
     """
-    for maddr in initial_peers:
-        _check_maddr(maddr, "--initial-peers", needs_peer_id=True)
-    for flag, maddrs in (("--host-maddrs", host_maddrs), ("--announce-maddrs", announce_maddrs)):
-        for maddr in maddrs:
-            _check_maddr(maddr, flag, needs_peer_id=False)
+    check_maddrs(initial_peers, host_maddrs, announce_maddrs)
     kwargs: dict[str, Any] = dict(host_maddrs=list(host_maddrs), client_mode=client_mode)
     if announce_maddrs:
         kwargs["announce_maddrs"] = list(announce_maddrs)
@@ -88,6 +84,18 @@ def _first_line(error: Exception) -> str:
     """The first line of an error's message without p2pd's log timestamp, for a one-line CLI error."""
     text = str(error).strip()
     return _GO_LOG_TIMESTAMP.sub("", text.splitlines()[0]) if text else type(error).__name__
+
+
+def check_maddrs(initial_peers: Sequence[str] = (), host_maddrs: Sequence[str] = (), announce_maddrs: Sequence[str] = ()) -> None:
+    """ConfigError naming the flag and the address unless every multiaddr is well-formed.
+
+    Entry points call it before any slow start-up work, so that a typo fails at once.
+    """
+    for maddr in initial_peers:
+        _check_maddr(maddr, "--initial-peers", needs_peer_id=True)
+    for flag, maddrs in (("--host-maddrs", host_maddrs), ("--announce-maddrs", announce_maddrs)):
+        for maddr in maddrs:
+            _check_maddr(maddr, flag, needs_peer_id=False)
 
 
 def _check_maddr(maddr: str, flag: str, *, needs_peer_id: bool) -> None:
