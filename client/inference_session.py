@@ -97,7 +97,7 @@ class InferenceSession:
                     hops.append(_Hop(span))
                     if history is not None:
                         hops[-1].record(0, history)
-                        history = await _replay(span, history)
+                        history = await span.step(history, 0)  # split within the server's limits
                 except BLAMABLE as e:
                     raise ServerFailure(planned.peer_id, e) from e
         except BaseException:
@@ -142,6 +142,7 @@ class InferenceSession:
                     f"replacing blocks {hop.span.start}:{hop.span.end}",
                 )
                 continue
+            self.client.bans.succeeded(hop.peer_id)
             hop.record(position, hidden_states)
             hidden_states = output
             index += 1
@@ -157,17 +158,6 @@ class InferenceSession:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-REPLAY_CHUNK_TOKENS = 1024  # per sequence: keeps each replay step within servers' per-request limits
-
-
-async def _replay(span: SpanSession, history: torch.Tensor) -> torch.Tensor:
-    """Send `history` (batch, position, hidden) to a fresh span session from position 0; return its outputs."""
-    outputs = []
-    for start in range(0, history.shape[1], REPLAY_CHUNK_TOKENS):
-        outputs.append(await span.step(history[:, start : start + REPLAY_CHUNK_TOKENS], start))
-    return torch.cat(outputs, dim=1)
 
 
 async def _close_all(hops: list[_Hop]) -> None:

@@ -21,9 +21,10 @@ from swarm.errors import PeerTimeout, RemoteError
 from swarm.limits import STEP_TIMEOUT
 from swarm.transport import open_stream, raise_for_error, translate_errors
 from swarm.wire import swarm_rpc_pb2 as pb
-from swarm.wire.codecs import decode, encode
+from swarm.wire.codecs import encode
 from swarm.wire.frames import read_message, to_frames
 from swarm.wire.rpc import RPC_BACKWARD, RPC_FORWARD
+from swarm.client.reply_checks import decode_named_replies, decode_reply
 from swarm.client.retry import BLAMABLE, ServerFailure, with_rerouting
 from swarm.client.routing import RouteHop
 from swarm.client.swarm_client import SwarmClient
@@ -67,8 +68,9 @@ async def forward_async(
             forward_id = random.getrandbits(63) + 1 if keep else 0
             request = _forward_request(client, hop, state, adapter, forward_id, seed)
             reply = await _call(client, hop, RPC_FORWARD, request, pb.ForwardResponse)
+            output = _checked(hop, reply.hidden_states, state.shape, "hidden states")
             trace.append(TracedHop(hop, state, forward_id))
-            state = decode(reply.hidden_states)
+            state = output
             position = hop.end
 
     await with_rerouting(attempt, client.bans, f"forward through blocks {start}:{end}")
@@ -99,7 +101,8 @@ async def _backward_elsewhere(client: SwarmClient, traced: TracedHop, gradients:
         for hop in route[:-1]:
             inputs.append(state)
             request = _forward_request(client, hop, state, adapter, 0, seed)
-            state = decode((await _call(client, hop, RPC_FORWARD, request, pb.ForwardResponse)).hidden_states)
+            reply = await _call(client, hop, RPC_FORWARD, request, pb.ForwardResponse)
+            state = _checked(hop, reply.hidden_states, state.shape, "hidden states")
         inputs.append(state)
         saved = dataclasses.replace(gradients, lora=dict(gradients.lora), deep_prompts=dict(gradients.deep_prompts))
         try:
@@ -139,11 +142,27 @@ async def _backward_hop(client: SwarmClient, hop: RouteHop, inputs: torch.Tensor
     if adapter is not None:
         request.adapter.CopyFrom(adapter.message(hop.start, hop.end))
     reply = await _call(client, hop, RPC_BACKWARD, request, pb.BackwardResponse)
-    gradients.inputs = decode(reply.grad_inputs)
-    for named in reply.lora_grads:
-        gradients.lora[named.name] = decode(named.tensor)
-    if reply.HasField("deep_prompt_grads"):
-        gradients.deep_prompts[hop.start] = decode(reply.deep_prompt_grads)
+    grad_inputs = _checked(hop, reply.grad_inputs, inputs.shape, "input gradients")
+    try:
+        lora = decode_named_replies(hop.peer_id, list(reply.lora_grads), list(request.adapter.lora), "LoRA gradients")
+        prompts = None
+        if request.adapter.HasField("deep_prompts"):
+            shape = tuple(request.adapter.deep_prompts.shape)
+            prompts = decode_reply(hop.peer_id, reply.deep_prompt_grads, shape, "deep prompt gradients")
+    except RemoteError as e:
+        raise ServerFailure(hop.peer_id, e) from e
+    gradients.inputs = grad_inputs
+    gradients.lora.update(lora)
+    if prompts is not None:
+        gradients.deep_prompts[hop.start] = prompts
+
+
+def _checked(hop: RouteHop, message: pb.Tensor, shape: torch.Size, what: str) -> torch.Tensor:
+    """A reply tensor of exactly `shape`; a server that sends anything else fails (and is banned)."""
+    try:
+        return decode_reply(hop.peer_id, message, tuple(shape), what)
+    except RemoteError as e:
+        raise ServerFailure(hop.peer_id, e) from e
 
 
 async def _call(client: SwarmClient, hop: RouteHop, rpc: str, request: Message, response_type: type[ResponseT]) -> ResponseT:
@@ -156,7 +175,9 @@ async def _call(client: SwarmClient, hop: RouteHop, rpc: str, request: Message, 
     try:
         for attempt in range(2):
             try:
-                return await _call_once(client, hop, rpc, request, response_type)
+                reply = await _call_once(client, hop, rpc, request, response_type)
+                client.bans.succeeded(hop.peer_id)
+                return reply
             except TransportFailure as e:
                 if attempt == 1:
                     raise ServerFailure(hop.peer_id, e) from e

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
 from swarm.errors import CacheFull, RemoteError, RoutingError
@@ -29,23 +30,50 @@ class RetryPolicy:
 
 
 class BanList:
-    """Servers to avoid for now, each with its own backoff."""
+    """Servers to avoid for now, each with its own backoff.
+
+    The backoff doubles with each failure and resets when the server next serves a request, or
+    when it has not failed for `max_ban_time`: a server that failed once yesterday starts afresh.
+    """
 
     def __init__(self, policy: RetryPolicy):
         self.policy = policy
         self._until: dict[str, float] = {}
         self._failures: dict[str, int] = {}
+        self._failed_at: dict[str, float] = {}
 
     def ban(self, peer_id: str) -> None:
-        failures = self._failures.get(peer_id, 0) + 1
+        now = time.monotonic()
+        recent = now - self._failed_at.get(peer_id, -math.inf) < self.policy.ban_time + self.policy.max_ban_time
+        failures = self._failures.get(peer_id, 0) + 1 if recent else 1
         self._failures[peer_id] = failures
+        self._failed_at[peer_id] = now
         duration = min(self.policy.ban_time * 2 ** (failures - 1), self.policy.max_ban_time)
-        self._until[peer_id] = time.monotonic() + duration
+        self._until[peer_id] = now + duration
         logger.info("avoiding server %s for %.0f s (failure %d)", peer_id[-8:], duration, failures)
+
+    def succeeded(self, peer_id: str) -> None:
+        """The server served a request: forget its failures."""
+        if self._failures.pop(peer_id, None) is not None:
+            self._until.pop(peer_id, None)
+            self._failed_at.pop(peer_id, None)
 
     def banned(self) -> frozenset[str]:
         now = time.monotonic()
         return frozenset(peer for peer, until in self._until.items() if until > now)
+
+    def release_oldest(self, peers: Iterable[str]) -> str | None:
+        """Lift the ban of the banned server among `peers` that failed longest ago, if that was at
+        least `ban_time` ago: a last resort when every server of some blocks is banned, so that a
+        block's only server is not lost for the whole (doubled) ban. None if there is no such server."""
+        now = time.monotonic()
+        banned = [peer for peer in self.banned().intersection(peers) if now - self._failed_at[peer] >= self.policy.ban_time]
+        if not banned:
+            return None
+        oldest = min(banned, key=lambda peer: self._failed_at[peer])
+        del self._until[oldest]
+        logger.info("every server of some blocks is banned; trying %s again, which failed longest ago", oldest[-8:])
+        return oldest
 
 
 async def with_rerouting(attempt: Callable[[], Awaitable[T]], bans: BanList, what: str) -> T:

@@ -1,4 +1,9 @@
-"""One inference stream to one server for one hop of the route: open, steps, close."""
+"""One inference stream to one server for one hop of the route: open, steps, close.
+
+The server says at `open` how many tokens (batch x new tokens) one step may carry; a longer step
+(a long prompt's prefill, a failover's replay) is sent as consecutive steps within that limit.
+Every reply is checked (shape, decodability, finite values) before it is used.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,13 @@ from collections.abc import AsyncIterator
 
 import torch
 from swarm.errors import RemoteError
-from swarm.limits import CONNECT_TIMEOUT, STEP_TIMEOUT
+from swarm.limits import CONNECT_TIMEOUT, DEFAULT_MAX_TOKENS_PER_REQUEST, STEP_TIMEOUT
 from swarm.transport import P2P, open_stream, raise_for_error, translate_errors
 from swarm.wire import swarm_rpc_pb2 as pb
 from swarm.wire.frames import read_message, to_frames
-from swarm.wire.codecs import decode, encode
+from swarm.wire.codecs import encode
 from swarm.wire.rpc import RPC_INFERENCE
+from swarm.client.reply_checks import decode_reply
 from swarm.client.wire_codecs import WireCodecs
 
 logger = logging.getLogger(__name__)
@@ -44,6 +50,7 @@ class SpanSession:
         self._outbox: asyncio.Queue[pb.Frame | None] = asyncio.Queue()
         self._replies: AsyncIterator[pb.Frame] | None = None
         self._step_id = 0
+        self.max_tokens_per_step = DEFAULT_MAX_TOKENS_PER_REQUEST  # batch x new tokens; the server's own at open
 
     async def open(self) -> None:
         opening = pb.SessionOpen(
@@ -58,16 +65,27 @@ class SpanSession:
         reply = await self._receive(CONNECT_TIMEOUT)
         if reply.WhichOneof("response") != "opened":
             raise RemoteError(self.peer_id, f"expected `opened`, got {reply.WhichOneof('response')}")
+        if reply.opened.max_tokens_per_request:  # 0: a server from before the field, with the default limit
+            self.max_tokens_per_step = reply.opened.max_tokens_per_request
 
     async def step(self, hidden_states: torch.Tensor, position: int) -> torch.Tensor:
-        """Send hidden states (batch, new_tokens, hidden) starting at `position`; get this span's output."""
+        """Send hidden states (batch, new_tokens, hidden) starting at `position`; get this span's output
+        (same shape), in as many steps as the server's per-step token limit needs."""
+        batch, new_tokens, _ = hidden_states.shape
+        tokens_per_step = max(1, self.max_tokens_per_step // batch)
+        outputs = []
+        for offset in range(0, new_tokens, tokens_per_step):
+            outputs.append(await self._step(hidden_states[:, offset : offset + tokens_per_step], position + offset))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+    async def _step(self, hidden_states: torch.Tensor, position: int) -> torch.Tensor:
         self._step_id += 1
         step = pb.InferenceStep(hidden_states=encode(hidden_states, self.codecs.send), position=position, step_id=self._step_id)
         self._send(pb.InferenceRequest(step=step))
         reply = await self._receive(STEP_TIMEOUT)
         if reply.WhichOneof("response") != "step" or reply.step.step_id != self._step_id:
             raise RemoteError(self.peer_id, "the server answered out of order")
-        return decode(reply.step.hidden_states)
+        return decode_reply(self.peer_id, reply.step.hidden_states, tuple(hidden_states.shape), "hidden states")
 
     async def close(self) -> None:
         """End the stream; the server then frees the session's cache."""

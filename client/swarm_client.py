@@ -102,9 +102,13 @@ class SwarmClient:
     async def _route_when_covered(self, plan, kind: str) -> list[RouteHop]:  # noqa: ANN001
         deadline = time.monotonic() + self.route_wait
         while True:
+            blocks = await self.fetch_blocks()
             try:
-                route = await plan(await self.fetch_blocks())
+                route = await plan(blocks)
             except MissingBlocksError as e:
+                holders = {peer for start, end in e.missing for records in blocks[start:end] for peer in records}
+                if self.bans.release_oldest(holders) is not None:
+                    continue  # banned servers are better than none: try again with one back
                 if time.monotonic() >= deadline:
                     raise
                 logger.debug("waiting for blocks: %s", e)

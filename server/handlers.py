@@ -155,7 +155,8 @@ class SpanHandlers:
                 raise InvalidRequest(f"max_length {opening.max_length} is outside 1..{self.limits.max_session_length}")
             adapter = parse_adapter(opening.adapter, runner, start, end, self.limits.max_lora_rank)
             async with self.budget.reserve(opening.batch_size * opening.max_length, CACHE_WAIT_TIMEOUT):
-                yield single_frame(pb.InferenceResponse(opened=pb.SessionOpened(max_length=opening.max_length)))
+                yield single_frame(pb.InferenceResponse(opened=pb.SessionOpened(
+                    max_length=opening.max_length, max_tokens_per_request=self.limits.max_tokens_per_request)))
                 self.served.sessions_opened += 1
                 async for frame in self._run_session(frames, opening, runner, adapter, start, end):
                     yield frame

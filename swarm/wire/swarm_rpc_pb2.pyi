@@ -222,10 +222,12 @@ class InferenceResponse(_message.Message):
     def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., step: _Optional[_Union[StepResult, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
-    __slots__ = ("max_length",)
+    __slots__ = ("max_length", "max_tokens_per_request")
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     max_length: int
-    def __init__(self, max_length: _Optional[int] = ...) -> None: ...
+    max_tokens_per_request: int
+    def __init__(self, max_length: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ...) -> None: ...
 
 class StepResult(_message.Message):
     __slots__ = ("hidden_states", "position", "step_id")

@@ -1,0 +1,166 @@
+"""The client honours servers' limits and checks their answers; bans decay and never strand blocks.
+
+Pure pieces (reply checks, the ban list) as plain data; the per-step token limit against real
+server processes that announce a small one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from swarm import AutoDistributedModelForCausalLM
+from swarm.client.event_loop import run_sync
+from swarm.client.local_processes import LocalSwarm
+from swarm.client.reply_checks import decode_named_replies, decode_reply
+from swarm.client.retry import BanList, RetryPolicy
+from swarm.errors import RemoteError
+from swarm.transport import call_unary
+from swarm.wire import swarm_rpc_pb2 as pb
+from swarm.wire.codecs import encode
+from swarm.wire.rpc import RPC_INFO
+
+PEER = "12D3KooWLfeu2jMWADXprq3c7D7HeKPYd6WENS2zbDUJqS5NNZkb"
+
+
+# ---- reply checks --------------------------------------------------------------------------------
+
+
+def test_a_reply_of_the_asked_shape_decodes():
+    tensor = torch.randn(2, 3, 8)
+    torch.testing.assert_close(decode_reply(PEER, encode(tensor), (2, 3, 8), "hidden states"), tensor)
+
+
+@pytest.mark.parametrize(
+    ("message", "needle"),
+    [
+        (encode(torch.randn(2, 4, 8)), "sent hidden states of shape (2, 4, 8), expected (2, 3, 8)"),
+        (encode(torch.full((2, 3, 8), float("nan"))), "sent hidden states with NaN or Inf values"),
+        (pb.Tensor(shape=[2, 3, 8], dtype="float32", codec="none", data=b"\x00" * 10), "that cannot be decoded"),
+        (pb.Tensor(shape=[2, 3, 8], dtype="float64", codec="none"), "that cannot be decoded"),
+    ],
+    ids=["wrong-shape", "nan", "short-payload", "bad-dtype"],
+)
+def test_a_bad_reply_is_the_servers_fault(message, needle):
+    with pytest.raises(RemoteError, match="server .*" + needle.replace("(", r"\(").replace(")", r"\)")) as caught:
+        decode_reply(PEER, message, (2, 3, 8), "hidden states")
+    assert caught.value.peer == PEER
+
+
+def test_named_gradients_must_match_what_was_sent():
+    sent = [pb.NamedTensor(name="0.q.lora_A", tensor=encode(torch.zeros(4, 8)))]
+    good = [pb.NamedTensor(name="0.q.lora_A", tensor=encode(torch.ones(4, 8)))]
+    assert decode_named_replies(PEER, good, sent, "LoRA gradients")["0.q.lora_A"].shape == (4, 8)
+    for replies, needle in (
+        ([], "sent no LoRA gradients for 0.q.lora_A"),
+        ([pb.NamedTensor(name="9.x", tensor=encode(torch.ones(4, 8)))], "'9.x', which was not asked for"),
+        (good + good, "which was not asked for"),
+        ([pb.NamedTensor(name="0.q.lora_A", tensor=encode(torch.ones(8, 4)))], "of shape (8, 4), expected (4, 8)"),
+    ):
+        with pytest.raises(RemoteError) as caught:
+            decode_named_replies(PEER, replies, sent, "LoRA gradients")
+        assert needle in str(caught.value)
+
+
+# ---- bans ----------------------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch) -> Clock:
+    clock = Clock()
+    monkeypatch.setattr("swarm.client.retry.time.monotonic", clock)
+    return clock
+
+
+def test_bans_double_then_reset_on_success(clock):
+    bans = BanList(RetryPolicy(ban_time=10, max_ban_time=100))
+    bans.ban("a")
+    clock.now += 9
+    assert bans.banned() == {"a"}
+    clock.now += 2
+    assert bans.banned() == set()
+    bans.ban("a")  # second failure soon after: 20 s
+    clock.now += 19
+    assert bans.banned() == {"a"}
+    clock.now += 2
+    bans.succeeded("a")
+    bans.ban("a")  # the success wiped the history: 10 s again
+    clock.now += 11
+    assert bans.banned() == set()
+
+
+def test_bans_decay_after_a_quiet_period(clock):
+    bans = BanList(RetryPolicy(ban_time=10, max_ban_time=100))
+    for _ in range(5):
+        bans.ban("a")
+    clock.now += 1000  # long after the last failure
+    bans.ban("a")
+    clock.now += 11
+    assert bans.banned() == set()
+
+
+def test_when_every_holder_is_banned_the_oldest_failure_is_tried_again(clock):
+    bans = BanList(RetryPolicy(ban_time=10, max_ban_time=1000))
+    for _ in range(4):
+        bans.ban("old")  # banned for 80 s
+    clock.now += 5
+    assert bans.release_oldest({"old"}) is None  # a fresh failure: no second chance yet (a dead server)
+    clock.now += 20
+    bans.ban("new")
+    bans.ban("elsewhere")
+    clock.now += 8
+    assert bans.release_oldest({"new", "old"}) == "old"
+    assert bans.banned() == {"new", "elsewhere"}
+    assert bans.release_oldest({"new", "unknown"}) is None
+
+
+# ---- the server's per-step token limit -----------------------------------------------------------
+
+TOKEN_LIMIT = 16  # batch x new tokens per step, announced by the servers at session open
+
+
+@pytest.fixture(scope="module")
+def limited_swarm(tiny_models) -> Iterator[tuple[torch.nn.Module, torch.nn.Module]]:
+    path = tiny_models["llama"]
+    swarm = LocalSwarm()
+    remote = None
+    try:
+        swarm.start_dht()
+        swarm.start_servers(path, ["0:3", "3:6"], "--num-threads", "1", "--max-tokens-per-request", str(TOKEN_LIMIT))
+        local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        remote = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers, wire_codec="none")
+        yield local, remote
+    finally:
+        if remote is not None:
+            remote.swarm_client.shutdown()
+        swarm.stop()
+
+
+@pytest.mark.timeout(240)
+def test_a_prompt_longer_than_the_servers_limit_is_sent_in_steps(limited_swarm):
+    local, remote = limited_swarm
+    input_ids = torch.randint(3, 211, (2, 21), generator=torch.Generator().manual_seed(4))  # 42 tokens > 16
+    client = remote.swarm_client
+    peers = {peer for servers in run_sync(client.fetch_blocks()) for peer in servers}
+
+    def steps() -> dict[str, int]:
+        infos = {peer: run_sync(call_unary(client.p2p, peer, RPC_INFO, pb.InfoRequest(), pb.InfoResponse, 10.0)) for peer in peers}
+        return {peer: info.served.inference_steps for peer, info in infos.items()}
+
+    before = steps()
+    produced = remote.generate(input_ids, max_new_tokens=5, do_sample=False, eos_token_id=None)
+    after = steps()
+    assert torch.equal(produced, local.generate(input_ids, max_new_tokens=5, do_sample=False, eos_token_id=None))
+    # 21 tokens per sequence at 8 per step (16 // batch 2) is 3 steps, then 4 decode steps.
+    assert all(after[peer] - before[peer] == 3 + 4 for peer in peers), (before, after)
