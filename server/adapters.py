@@ -62,10 +62,12 @@ def parse_adapter(message: pb.Adapter, runner: SpanRunner, start: int, end: int,
         if not start <= block < end:
             raise InvalidRequest(f"adapter tensor {named.name!r} is for block {block}, outside the requested blocks {start}:{end}")
         linear = _linear_at(runner, block, path, named.name)
-        tensor = decode(named.tensor).float()
+        if (block, path, kind) in names:
+            raise InvalidRequest(f"adapter tensor {named.name!r} appears twice")
         expected = (rank, linear.in_features) if kind == "lora_A" else (linear.out_features, rank)
-        if tuple(tensor.shape) != expected:
-            raise InvalidRequest(f"adapter tensor {named.name!r} has shape {tuple(tensor.shape)}, expected {expected}")
+        if tuple(named.tensor.shape) != expected:  # the declared shape, before decoding anything
+            raise InvalidRequest(f"adapter tensor {named.name!r} has shape {tuple(named.tensor.shape)}, expected {expected}")
+        tensor = decode(named.tensor).float()
         if not torch.isfinite(tensor).all():
             raise InvalidRequest(f"adapter tensor {named.name!r} contains NaN or Inf")
         lora.setdefault((block, path), {})[kind] = tensor
@@ -75,11 +77,14 @@ def parse_adapter(message: pb.Adapter, runner: SpanRunner, start: int, end: int,
             raise InvalidRequest(f"block {block} {path}: LoRA needs both lora_A and lora_B")
     deep_prompts = None
     if message.HasField("deep_prompts"):
-        deep_prompts = decode(message.deep_prompts).float()
+        shape = tuple(message.deep_prompts.shape)
         hidden = runner.config.hidden_size
-        if deep_prompts.ndim != 3 or deep_prompts.shape[0] != end - start or deep_prompts.shape[2] != hidden:
-            raise InvalidRequest(f"deep prompts must have shape ({end - start}, length, {hidden}), got {tuple(deep_prompts.shape)}")
-        if not 0 < deep_prompts.shape[1] <= MAX_PROMPT_LENGTH or not torch.isfinite(deep_prompts).all():
+        if len(shape) != 3 or shape[0] != end - start or shape[2] != hidden:
+            raise InvalidRequest(f"deep prompts must have shape ({end - start}, length, {hidden}), got {shape}")
+        if not 0 < shape[1] <= MAX_PROMPT_LENGTH:
+            raise InvalidRequest(f"deep prompts must be finite, 1..{MAX_PROMPT_LENGTH} tokens long")
+        deep_prompts = decode(message.deep_prompts).float()
+        if not torch.isfinite(deep_prompts).all():
             raise InvalidRequest(f"deep prompts must be finite, 1..{MAX_PROMPT_LENGTH} tokens long")
     scaling = message.lora_alpha / (math.sqrt(rank) if message.use_rslora else rank) if rank else 0.0
     pairs = {key: (pair["lora_A"], pair["lora_B"]) for key, pair in lora.items()}

@@ -7,7 +7,14 @@ import dataclasses
 from swarm.dht import check_maddrs
 from swarm.errors import ConfigError
 from swarm.server.quantization import QUANT_TYPES
-from swarm.limits import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SESSION_LENGTH, DEFAULT_MAX_TOKENS_PER_REQUEST
+from swarm.limits import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_REQUESTS_PER_PEER,
+    DEFAULT_MAX_SESSION_LENGTH,
+    DEFAULT_MAX_SESSION_LIFETIME,
+    DEFAULT_MAX_SESSIONS_PER_PEER,
+    DEFAULT_MAX_TOKENS_PER_REQUEST,
+)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -49,6 +56,9 @@ class ServerConfig:
     max_tokens_per_request: int = _field(DEFAULT_MAX_TOKENS_PER_REQUEST, "most tokens (batch x new tokens) in one request")
     max_session_length: int = _field(DEFAULT_MAX_SESSION_LENGTH, "longest sequence an inference session may reach")
     max_lora_rank: int = _field(64, "largest LoRA rank a client may send")
+    max_sessions_per_peer: int = _field(DEFAULT_MAX_SESSIONS_PER_PEER, "inference sessions one peer may hold open at once")
+    max_requests_per_peer: int = _field(DEFAULT_MAX_REQUESTS_PER_PEER, "forward/backward requests one peer may have in progress at once")
+    max_session_lifetime: float = _field(DEFAULT_MAX_SESSION_LIFETIME, "seconds an inference session may stay open before the server closes it")
     activation_store_mb: int = _field(1024, "memory for forwards kept for their backward (training); beyond it, backward recomputes")
     public_name: str = _field("", "a name to show as this server's contributor (e.g. on the health page)")
 
@@ -57,7 +67,8 @@ class ServerConfig:
             raise ConfigError("--new-swarm starts a new swarm: do not pass --initial-peers with it")
         if not self.new_swarm and not self.initial_peers:
             raise ConfigError("pass --initial-peers MADDR... to join a swarm, or --new-swarm to start one")
-        for name in ("attn_cache_tokens", "max_batch_size", "max_tokens_per_request", "max_session_length", "max_lora_rank"):
+        for name in ("attn_cache_tokens", "max_batch_size", "max_tokens_per_request", "max_session_length", "max_lora_rank",
+                     "max_sessions_per_peer", "max_requests_per_peer", "max_session_lifetime"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
         if self.blocks is not None and self.num_blocks is not None:

@@ -16,16 +16,17 @@ from collections.abc import AsyncIterator
 import torch
 from transformers import DynamicCache
 
-from swarm.errors import CacheFull, InvalidRequest, SpanNotServed
-from swarm.limits import CACHE_WAIT_TIMEOUT, SESSION_IDLE_TIMEOUT
+from swarm.errors import CacheFull, InvalidRequest, LimitExceeded, SpanNotServed
+from swarm.limits import CACHE_WAIT_TIMEOUT, DEFAULT_MAX_SESSION_LIFETIME, REQUEST_READ_TIMEOUT, SESSION_IDLE_TIMEOUT
 from swarm.wire import swarm_rpc_pb2 as pb
 from swarm.transport import P2P
 from swarm.wire.rpc import RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, RPC_INFO
-from swarm.wire.frames import read_message, read_until_end, to_frames
+from swarm.wire.frames import MessageT, read_message, read_until_end, to_frames
 from swarm.wire.codecs import check_codec, decode, encode
-from swarm.server.adapters import ParsedAdapter, applied, parse_adapter
+from swarm.server.adapters import MAX_PROMPT_LENGTH, ParsedAdapter, applied, parse_adapter
 from swarm.server.backprop import ActivationStore, backward, forward_for_backward
 from swarm.server.cache_budget import CacheBudget
+from swarm.server.peer_limits import PeerGovernor
 from swarm.server.compute_worker import PRIORITY_FORWARD, PRIORITY_INFERENCE, ComputeWorker
 from swarm.server.span_runner import SpanRunner
 
@@ -37,6 +38,12 @@ class RequestLimits:
     max_tokens_per_request: int  # batch * new tokens
     max_session_length: int  # tokens per sequence
     max_lora_rank: int
+    max_session_lifetime: float = DEFAULT_MAX_SESSION_LIFETIME  # seconds from open to forced close
+
+
+# Bytes a request may carry beyond its tensors' payloads (field tags, names, codec scales).
+MESSAGE_OVERHEAD_BYTES = 1 << 16
+WIDEST_WIRE_BYTES = 4  # float32: no codec makes a tensor larger on the wire
 
 
 class SpanHandlers:
@@ -51,6 +58,7 @@ class SpanHandlers:
         limits: RequestLimits,
         info: pb.InfoResponse,
         activations: ActivationStore,
+        governor: PeerGovernor,
         idle_timeout: float = SESSION_IDLE_TIMEOUT,
     ):
         self.runner = runner
@@ -59,8 +67,12 @@ class SpanHandlers:
         self.limits = limits
         self.info = info
         self.activations = activations
+        self.governor = governor
         self.idle_timeout = idle_timeout
         self.hidden_size = runner.config.hidden_size
+        self._hidden_bytes = limits.max_tokens_per_request * self.hidden_size * WIDEST_WIRE_BYTES
+        linears = [m for m in runner.layers[0].modules() if isinstance(m, torch.nn.Linear)]  # every block is alike
+        self._lora_bytes_per_block = sum(m.in_features + m.out_features for m in linears) * limits.max_lora_rank * WIDEST_WIRE_BYTES
         self.served = pb.RequestCounts()  # completed requests by kind, reported by `info`
 
     async def register(self, p2p: P2P) -> None:
@@ -78,92 +90,105 @@ class SpanHandlers:
 
     async def rpc_forward(self, frames: AsyncIterator[pb.Frame], context: object) -> AsyncIterator[pb.Frame]:
         try:
-            request = await read_message(frames, pb.ForwardRequest)
-            if request is None:
-                raise InvalidRequest("empty forward request")
-            runner = self.runner
-            start, end = self._check_span(request.span, runner)
-            response_codec = check_codec(request.response_codec)
-            hidden = self._check_hidden(request.hidden_states)
-            adapter = parse_adapter(request.adapter, runner, start, end, self.limits.max_lora_rank)
-            if request.forward_id:
-                compute = functools.partial(forward_for_backward, runner, hidden, start, end, adapter, request.dropout_seed)
-                began = time.perf_counter()
-                kept = await self.worker.submit(PRIORITY_FORWARD, compute)
-                logger.debug("forward (kept) compute for blocks %d:%d took %.3f s", start, end, time.perf_counter() - began)
-                self.activations.put((_caller(context), request.forward_id), kept)
-                output = kept.output.detach()
-            else:
-                output = await self.worker.submit(PRIORITY_FORWARD, functools.partial(_run_frozen, runner, hidden, start, end, adapter))
-            response = pb.ForwardResponse(hidden_states=encode(output, response_codec))
-            self.served.forwards += 1
+            with self.governor.request(_caller(context)):
+                response = await self._forward(frames, context)
         except Exception as e:
             response = pb.ForwardResponse(error=_error_reply(e, "forward"))
         for frame in to_frames(response):
             yield frame
         await read_until_end(frames)
 
+    async def _forward(self, frames: AsyncIterator[pb.Frame], context: object) -> pb.ForwardResponse:
+        request = await self._read_request(frames, pb.ForwardRequest, self._hidden_bytes + self._adapter_bytes(), "empty forward request")
+        runner = self.runner
+        start, end = self._check_span(request.span, runner)
+        response_codec = check_codec(request.response_codec)
+        hidden = self._check_hidden(request.hidden_states)
+        adapter = parse_adapter(request.adapter, runner, start, end, self.limits.max_lora_rank)
+        if request.forward_id:
+            compute = functools.partial(forward_for_backward, runner, hidden, start, end, adapter, request.dropout_seed)
+            began = time.perf_counter()
+            kept = await self.worker.submit(PRIORITY_FORWARD, compute)
+            logger.debug("forward (kept) compute for blocks %d:%d took %.3f s", start, end, time.perf_counter() - began)
+            self.activations.put((_caller(context), request.forward_id), kept)
+            output = kept.output.detach()
+        else:
+            output = await self.worker.submit(PRIORITY_FORWARD, functools.partial(_run_frozen, runner, hidden, start, end, adapter))
+        self.served.forwards += 1
+        return pb.ForwardResponse(hidden_states=encode(output, response_codec))
+
     async def rpc_backward(self, frames: AsyncIterator[pb.Frame], context: object) -> AsyncIterator[pb.Frame]:
         """Gradients of a span's inputs and of the caller's adapter, from its kept forward or a recompute."""
         try:
-            request = await read_message(frames, pb.BackwardRequest)
-            if request is None:
-                raise InvalidRequest("empty backward request")
-            runner = self.runner
-            start, end = self._check_span(request.span, runner)
-            response_codec = check_codec(request.response_codec)
-            hidden = self._check_hidden(request.hidden_states)
-            grad_outputs = self._check_hidden(request.grad_outputs, "gradients")
-            if grad_outputs.shape != hidden.shape:
-                raise InvalidRequest(f"gradients of shape {tuple(grad_outputs.shape)} do not match the inputs' {tuple(hidden.shape)}")
-            kept = self.activations.pop((_caller(context), request.forward_id)) if request.forward_id else None
-            logger.debug("backward for blocks %d:%d: %s", start, end, "kept forward" if kept is not None else "recompute")
-            if kept is None or kept.inputs.shape != hidden.shape:
-                adapter = parse_adapter(request.adapter, runner, start, end, self.limits.max_lora_rank)
-                compute = functools.partial(forward_for_backward, runner, hidden, start, end, adapter, request.dropout_seed)
-                kept = await self.worker.submit(PRIORITY_FORWARD, compute)
-            began = time.perf_counter()
-            grad_inputs, lora_grads, prompt_grads = await self.worker.submit(
-                PRIORITY_FORWARD, functools.partial(backward, kept, grad_outputs)
-            )
-            logger.debug("backward compute for blocks %d:%d took %.3f s", start, end, time.perf_counter() - began)
-            response = pb.BackwardResponse(
-                grad_inputs=encode(grad_inputs, response_codec),
-                lora_grads=[pb.NamedTensor(name=name, tensor=encode(grad)) for name, grad in lora_grads.items()],
-            )
-            if prompt_grads is not None:
-                response.deep_prompt_grads.CopyFrom(encode(prompt_grads))
-            self.served.backwards += 1
+            with self.governor.request(_caller(context)):
+                response = await self._backward(frames, context)
         except Exception as e:
             response = pb.BackwardResponse(error=_error_reply(e, "backward"))
         for frame in to_frames(response):
             yield frame
         await read_until_end(frames)
 
+    async def _backward(self, frames: AsyncIterator[pb.Frame], context: object) -> pb.BackwardResponse:
+        request = await self._read_request(
+            frames, pb.BackwardRequest, 2 * self._hidden_bytes + self._adapter_bytes(), "empty backward request"
+        )
+        runner = self.runner
+        start, end = self._check_span(request.span, runner)
+        response_codec = check_codec(request.response_codec)
+        hidden = self._check_hidden(request.hidden_states)
+        grad_outputs = self._check_hidden(request.grad_outputs, "gradients")
+        if grad_outputs.shape != hidden.shape:
+            raise InvalidRequest(f"gradients of shape {tuple(grad_outputs.shape)} do not match the inputs' {tuple(hidden.shape)}")
+        kept = self.activations.pop((_caller(context), request.forward_id)) if request.forward_id else None
+        logger.debug("backward for blocks %d:%d: %s", start, end, "kept forward" if kept is not None else "recompute")
+        if kept is None or kept.inputs.shape != hidden.shape:
+            adapter = parse_adapter(request.adapter, runner, start, end, self.limits.max_lora_rank)
+            compute = functools.partial(forward_for_backward, runner, hidden, start, end, adapter, request.dropout_seed)
+            kept = await self.worker.submit(PRIORITY_FORWARD, compute)
+        began = time.perf_counter()
+        grad_inputs, lora_grads, prompt_grads = await self.worker.submit(
+            PRIORITY_FORWARD, functools.partial(backward, kept, grad_outputs)
+        )
+        logger.debug("backward compute for blocks %d:%d took %.3f s", start, end, time.perf_counter() - began)
+        response = pb.BackwardResponse(
+            grad_inputs=encode(grad_inputs, response_codec),
+            lora_grads=[pb.NamedTensor(name=name, tensor=encode(grad)) for name, grad in lora_grads.items()],
+        )
+        if prompt_grads is not None:
+            response.deep_prompt_grads.CopyFrom(encode(prompt_grads))
+        self.served.backwards += 1
+        return response
+
     async def rpc_inference(self, frames: AsyncIterator[pb.Frame], context: object) -> AsyncIterator[pb.Frame]:
         """One inference session: an open, then steps until the client closes the stream."""
         try:
-            request = await asyncio.wait_for(read_message(frames, pb.InferenceRequest), self.idle_timeout)
-            if request is None or request.WhichOneof("request") != "open":
-                raise InvalidRequest("an inference session must start with an `open` message")
-            opening = request.open
-            runner = self.runner  # the session keeps these blocks even if the server moves meanwhile
-            start, end = self._check_span(opening.span, runner)
-            if not 0 < opening.batch_size <= self.limits.max_batch_size:
-                raise InvalidRequest(f"batch size {opening.batch_size} is outside 1..{self.limits.max_batch_size}")
-            if not 0 < opening.max_length <= self.limits.max_session_length:
-                raise InvalidRequest(f"max_length {opening.max_length} is outside 1..{self.limits.max_session_length}")
-            adapter = parse_adapter(opening.adapter, runner, start, end, self.limits.max_lora_rank)
-            async with self.budget.reserve(opening.batch_size * opening.max_length, CACHE_WAIT_TIMEOUT):
-                yield single_frame(pb.InferenceResponse(opened=pb.SessionOpened(
-                    max_length=opening.max_length, max_tokens_per_request=self.limits.max_tokens_per_request)))
-                self.served.sessions_opened += 1
-                async for frame in self._run_session(frames, opening, runner, adapter, start, end):
+            with self.governor.session(_caller(context)):
+                async for frame in self._session(frames):
                     yield frame
         except Exception as e:
             for frame in to_frames(pb.InferenceResponse(error=_error_reply(e, "inference"))):
                 yield frame
             await read_until_end(frames, timeout=1.0)  # the session is over: let the caller finish writing
+
+    async def _session(self, frames: AsyncIterator[pb.Frame]) -> AsyncIterator[pb.Frame]:
+        no_open = "an inference session must start with an `open` message"
+        request = await self._read_request(frames, pb.InferenceRequest, self._adapter_bytes(), no_open)
+        if request.WhichOneof("request") != "open":
+            raise InvalidRequest(no_open)
+        opening = request.open
+        runner = self.runner  # the session keeps these blocks even if the server moves meanwhile
+        start, end = self._check_span(opening.span, runner)
+        if not 0 < opening.batch_size <= self.limits.max_batch_size:
+            raise InvalidRequest(f"batch size {opening.batch_size} is outside 1..{self.limits.max_batch_size}")
+        if not 0 < opening.max_length <= self.limits.max_session_length:
+            raise InvalidRequest(f"max_length {opening.max_length} is outside 1..{self.limits.max_session_length}")
+        adapter = parse_adapter(opening.adapter, runner, start, end, self.limits.max_lora_rank)
+        async with self.budget.reserve(opening.batch_size * opening.max_length, CACHE_WAIT_TIMEOUT):
+            yield single_frame(pb.InferenceResponse(opened=pb.SessionOpened(
+                max_length=opening.max_length, max_tokens_per_request=self.limits.max_tokens_per_request)))
+            self.served.sessions_opened += 1
+            async for frame in self._run_session(frames, opening, runner, adapter, start, end):
+                yield frame
 
     async def _run_session(
         self,
@@ -177,10 +202,20 @@ class SpanHandlers:
         cache = DynamicCache()  # keys/values per block: (batch, kv_heads, position, head_dim)
         response_codec = check_codec(opening.response_codec)
         position = 0
+        loop = asyncio.get_running_loop()
+        closes_at = loop.time() + self.limits.max_session_lifetime
         while True:
+            wait = min(self.idle_timeout, closes_at - loop.time())
             try:
-                request = await asyncio.wait_for(read_message(frames, pb.InferenceRequest), self.idle_timeout)
+                request = await asyncio.wait_for(
+                    read_message(frames, pb.InferenceRequest, self._hidden_bytes + MESSAGE_OVERHEAD_BYTES), max(wait, 0)
+                )
             except TimeoutError:
+                if loop.time() >= closes_at:
+                    raise LimitExceeded(
+                        f"the session reached this server's maximum session lifetime of {self.limits.max_session_lifetime:.0f} s "
+                        "(--max-session-lifetime)"
+                    ) from None
                 logger.info("closing an inference session idle for %.0f s", self.idle_timeout)
                 return
             if request is None:
@@ -207,6 +242,27 @@ class SpanHandlers:
             self.served.inference_steps += 1
             for frame in to_frames(pb.InferenceResponse(step=result)):
                 yield frame
+
+    async def _read_request(
+        self, frames: AsyncIterator[pb.Frame], message_type: type[MessageT], payload_bytes: int, if_empty: str
+    ) -> MessageT:
+        """The first message of a request stream, within a size cap derived from this server's limits
+        and a deadline, so that no caller can make the server buffer or wait without bound."""
+        try:
+            request = await asyncio.wait_for(
+                read_message(frames, message_type, payload_bytes + MESSAGE_OVERHEAD_BYTES), REQUEST_READ_TIMEOUT
+            )
+        except TimeoutError:
+            raise LimitExceeded(f"the request did not arrive within {REQUEST_READ_TIMEOUT:.0f} s") from None
+        if request is None:
+            raise InvalidRequest(if_empty)
+        return request
+
+    def _adapter_bytes(self) -> int:
+        """The most an adapter for this server's blocks can take on the wire: LoRA of the largest
+        rank on every linear layer, and deep prompts of the longest length."""
+        blocks = len(self.runner.layers)
+        return blocks * (self._lora_bytes_per_block + MAX_PROMPT_LENGTH * self.hidden_size * WIDEST_WIRE_BYTES)
 
     def _check_span(self, span: pb.Span, runner: SpanRunner) -> tuple[int, int]:
         if span.start >= span.end:  # a malformed request, not a stale route: SpanNotServed would send the caller elsewhere

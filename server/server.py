@@ -31,6 +31,7 @@ from swarm.server.block_loader import load_span_layers
 from swarm.server.cache_budget import CacheBudget
 from swarm.server.compute_worker import ComputeWorker
 from swarm.server.config import ServerConfig, parse_block_range
+from swarm.server.peer_limits import PeerGovernor, PeerLimits
 from swarm.server.handlers import RequestLimits, SpanHandlers
 from swarm.server.placement import block_throughputs, choose_start, should_move
 from swarm.server.span_runner import SpanRunner
@@ -163,7 +164,9 @@ class Server:
             max_tokens_per_request=cfg.max_tokens_per_request,
             max_session_length=cfg.max_session_length,
             max_lora_rank=cfg.max_lora_rank,
+            max_session_lifetime=cfg.max_session_lifetime,
         )
+        peer_limits = PeerLimits(max_sessions_per_peer=cfg.max_sessions_per_peer, max_requests_per_peer=cfg.max_requests_per_peer)
         info = pb.InfoResponse(
             version=__version__,
             dht_prefix=self.dht_prefix,
@@ -175,9 +178,15 @@ class Server:
             max_tokens_per_request=limits.max_tokens_per_request,
             max_session_length=limits.max_session_length,
             max_lora_rank=limits.max_lora_rank,
+            max_sessions_per_peer=peer_limits.max_sessions_per_peer,
+            max_requests_per_peer=peer_limits.max_requests_per_peer,
+            max_session_lifetime=limits.max_session_lifetime,
         )
         activations = ActivationStore(cfg.activation_store_mb << 20)
-        handlers = SpanHandlers(runner=self.runner, worker=worker, budget=budget, limits=limits, info=info, activations=activations)
+        handlers = SpanHandlers(
+            runner=self.runner, worker=worker, budget=budget, limits=limits, info=info, activations=activations,
+            governor=PeerGovernor(peer_limits),
+        )
         p2p = await self.dht.replicate_p2p()
         await handlers.register(p2p)
         self.announcer.cache_tokens_left = lambda: budget.tokens_left

@@ -3,7 +3,8 @@
     SwarmError
     ├── ConfigError (ValueError)          bad CLI flag, model path, alias, block range
     ├── InvalidRequest (ValueError)       a request that breaks the wire contract (shape, dtype, limits)
-    │   └── SpanNotServed                 (server side) the server does not hold the requested blocks
+    │   ├── SpanNotServed                 (server side) the server does not hold the requested blocks
+    │   └── LimitExceeded                 a request over one of the server's announced limits
     ├── RoutingError                      no chain of servers can serve the request
     │   └── MissingBlocksError            some blocks are served by nobody
     ├── RemoteError                       a server answered with an error
@@ -32,6 +33,10 @@ class InvalidRequest(SwarmError, ValueError):
 
 class SpanNotServed(InvalidRequest):
     """The server does not hold the requested blocks: the caller's route is stale, not wrong."""
+
+
+class LimitExceeded(InvalidRequest):
+    """A request goes over one of a server's announced limits (the message names it and its value)."""
 
 
 class RoutingError(SwarmError):

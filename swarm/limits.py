@@ -19,6 +19,9 @@ WIRE_DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_MAX_BATCH_SIZE = 64
 DEFAULT_MAX_TOKENS_PER_REQUEST = 8192  # batch * new tokens in one forward call or inference step
 DEFAULT_MAX_SESSION_LENGTH = 8192  # tokens per sequence in one inference session
+DEFAULT_MAX_SESSION_LIFETIME = 4 * 3600.0  # seconds an inference session may stay open
+DEFAULT_MAX_SESSIONS_PER_PEER = 16  # inference sessions one peer may hold open on a server
+DEFAULT_MAX_REQUESTS_PER_PEER = 8  # forward/backward requests one peer may have in progress on a server
 
 # DHT records: servers refresh every REFRESH_PERIOD and records live twice that long, so one
 # missed refresh does not drop a server (DESIGN.md, "DHT records").
@@ -32,5 +35,7 @@ ROUTE_WAIT = 30.0  # seconds: how long to wait for missing blocks to appear befo
 
 # A server closes an inference session that sent nothing for this long and frees its cache.
 SESSION_IDLE_TIMEOUT = 300.0  # seconds
+# A request stream must deliver its whole first message within this (a slow-drip sender holds nothing longer).
+REQUEST_READ_TIMEOUT = 30.0  # seconds
 # How long an open waits for cache room before the server refuses it.
 CACHE_WAIT_TIMEOUT = 10.0  # seconds

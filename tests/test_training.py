@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -197,6 +198,16 @@ def test_batches_are_split_over_replicated_servers(replicated_llama):
         remote.swarm_client.shutdown()
 
 
+def kept_forward_holder(servers: list) -> object:
+    """The one server that logged keeping a forward; its log line may reach us just after the reply."""
+    deadline = time.monotonic() + 10
+    while not (holders := [server for server in servers if any("forward (kept) compute" in line for line in server.lines)]):
+        assert time.monotonic() < deadline, "no server logged a kept forward"
+        time.sleep(0.05)
+    (holder,) = holders
+    return holder
+
+
 def test_backward_survives_the_death_of_the_forward_server(replicated_llama):
     """The server that kept the forward dies before backward: backward recomputes on the other replica."""
     path, swarm, servers = replicated_llama
@@ -205,7 +216,7 @@ def test_backward_survives_the_death_of_the_forward_server(replicated_llama):
         remote.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj", "up_proj"], init_lora_weights=False))
         ids = torch.randint(3, 211, (1, 9), generator=torch.Generator().manual_seed(12))
         loss = remote(ids, labels=ids).loss
-        (holder,) = [server for server in servers if any("forward (kept) compute" in line for line in server.lines)]
+        holder = kept_forward_holder(servers)
         os.killpg(holder.pid, signal.SIGKILL)
         holder.popen.wait(10)
         loss.backward()

@@ -62,7 +62,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("version", "dht_prefix", "span", "hidden_size", "torch_dtype", "cache_tokens_left", "codecs", "max_batch_size", "max_tokens_per_request", "max_session_length", "max_lora_rank", "served")
+    __slots__ = ("version", "dht_prefix", "span", "hidden_size", "torch_dtype", "cache_tokens_left", "codecs", "max_batch_size", "max_tokens_per_request", "max_session_length", "max_lora_rank", "served", "max_sessions_per_peer", "max_requests_per_peer", "max_session_lifetime")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DHT_PREFIX_FIELD_NUMBER: _ClassVar[int]
     SPAN_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,9 @@ class InfoResponse(_message.Message):
     MAX_SESSION_LENGTH_FIELD_NUMBER: _ClassVar[int]
     MAX_LORA_RANK_FIELD_NUMBER: _ClassVar[int]
     SERVED_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSIONS_PER_PEER_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUESTS_PER_PEER_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSION_LIFETIME_FIELD_NUMBER: _ClassVar[int]
     version: str
     dht_prefix: str
     span: Span
@@ -87,7 +90,10 @@ class InfoResponse(_message.Message):
     max_session_length: int
     max_lora_rank: int
     served: RequestCounts
-    def __init__(self, version: _Optional[str] = ..., dht_prefix: _Optional[str] = ..., span: _Optional[_Union[Span, _Mapping]] = ..., hidden_size: _Optional[int] = ..., torch_dtype: _Optional[str] = ..., cache_tokens_left: _Optional[int] = ..., codecs: _Optional[_Iterable[str]] = ..., max_batch_size: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., max_session_length: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., served: _Optional[_Union[RequestCounts, _Mapping]] = ...) -> None: ...
+    max_sessions_per_peer: int
+    max_requests_per_peer: int
+    max_session_lifetime: float
+    def __init__(self, version: _Optional[str] = ..., dht_prefix: _Optional[str] = ..., span: _Optional[_Union[Span, _Mapping]] = ..., hidden_size: _Optional[int] = ..., torch_dtype: _Optional[str] = ..., cache_tokens_left: _Optional[int] = ..., codecs: _Optional[_Iterable[str]] = ..., max_batch_size: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., max_session_length: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., served: _Optional[_Union[RequestCounts, _Mapping]] = ..., max_sessions_per_peer: _Optional[int] = ..., max_requests_per_peer: _Optional[int] = ..., max_session_lifetime: _Optional[float] = ...) -> None: ...
 
 class RequestCounts(_message.Message):
     __slots__ = ("sessions_opened", "inference_steps", "forwards", "backwards")
