@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,7 +10,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
+from swarm import AutoDistributedModelForCausalLM
+from swarm.client.event_loop import run_sync
 from swarm.client.local_processes import LocalSwarm
+from swarm.transport import call_unary
+from swarm.wire import swarm_rpc_pb2 as pb
+from swarm.wire.rpc import RPC_INFO
 
 TINY_CONFIGS = {
     "llama": lambda: LlamaConfig(
@@ -64,3 +70,31 @@ def three_servers(request, tiny_models) -> Iterator[tuple[Path, LocalSwarm]]:
         yield path, swarm
     finally:
         swarm.stop()
+
+
+@contextlib.contextmanager
+def local_and_remote(path: Path, *server_flags: str) -> Iterator[tuple[torch.nn.Module, torch.nn.Module]]:
+    """(local model, distributed model over two servers, blocks 0:3 and 3:6) of a tiny checkpoint,
+    uncompressed wire; every process is reaped on exit."""
+    swarm = LocalSwarm()
+    remote = None
+    try:
+        swarm.start_dht()
+        swarm.start_servers(path, ["0:3", "3:6"], "--num-threads", "1", *server_flags)
+        local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        remote = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers, wire_codec="none")
+        yield local, remote
+    finally:
+        if remote is not None:
+            remote.swarm_client.shutdown()
+        swarm.stop()
+
+
+def served_counts(remote: torch.nn.Module) -> dict[str, pb.RequestCounts]:
+    """Each server's completed requests by kind (sessions, steps, forwards, backwards), from its `info`."""
+    client = remote.swarm_client
+    peers = {peer for servers in run_sync(client.fetch_blocks()) for peer in servers}
+    return {
+        peer: run_sync(call_unary(client.p2p, peer, RPC_INFO, pb.InfoRequest(), pb.InfoResponse, 10.0)).served
+        for peer in peers
+    }

@@ -10,18 +10,12 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-
-from swarm import AutoDistributedModelForCausalLM
-from swarm.client.event_loop import run_sync
-from swarm.client.local_processes import LocalSwarm
 from swarm.client.reply_checks import decode_named_replies, decode_reply
 from swarm.client.retry import BanList, RetryPolicy
 from swarm.errors import RemoteError
-from swarm.transport import call_unary
 from swarm.wire import swarm_rpc_pb2 as pb
 from swarm.wire.codecs import encode
-from swarm.wire.rpc import RPC_INFO
+from tests.conftest import local_and_remote, served_counts
 
 PEER = "12D3KooWLfeu2jMWADXprq3c7D7HeKPYd6WENS2zbDUJqS5NNZkb"
 
@@ -132,35 +126,18 @@ TOKEN_LIMIT = 16  # batch x new tokens per step, announced by the servers at ses
 
 @pytest.fixture(scope="module")
 def limited_swarm(tiny_models) -> Iterator[tuple[torch.nn.Module, torch.nn.Module]]:
-    path = tiny_models["llama"]
-    swarm = LocalSwarm()
-    remote = None
-    try:
-        swarm.start_dht()
-        swarm.start_servers(path, ["0:3", "3:6"], "--num-threads", "1", "--max-tokens-per-request", str(TOKEN_LIMIT))
-        local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        remote = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers, wire_codec="none")
-        yield local, remote
-    finally:
-        if remote is not None:
-            remote.swarm_client.shutdown()
-        swarm.stop()
+    with local_and_remote(tiny_models["llama"], "--max-tokens-per-request", str(TOKEN_LIMIT)) as models:
+        yield models
 
 
 @pytest.mark.timeout(240)
 def test_a_prompt_longer_than_the_servers_limit_is_sent_in_steps(limited_swarm):
     local, remote = limited_swarm
     input_ids = torch.randint(3, 211, (2, 21), generator=torch.Generator().manual_seed(4))  # 42 tokens > 16
-    client = remote.swarm_client
-    peers = {peer for servers in run_sync(client.fetch_blocks()) for peer in servers}
-
-    def steps() -> dict[str, int]:
-        infos = {peer: run_sync(call_unary(client.p2p, peer, RPC_INFO, pb.InfoRequest(), pb.InfoResponse, 10.0)) for peer in peers}
-        return {peer: info.served.inference_steps for peer, info in infos.items()}
-
-    before = steps()
+    before = served_counts(remote)
     produced = remote.generate(input_ids, max_new_tokens=5, do_sample=False, eos_token_id=None)
-    after = steps()
+    after = served_counts(remote)
     assert torch.equal(produced, local.generate(input_ids, max_new_tokens=5, do_sample=False, eos_token_id=None))
     # 21 tokens per sequence at 8 per step (16 // batch 2) is 3 steps, then 4 decode steps.
-    assert all(after[peer] - before[peer] == 3 + 4 for peer in peers), (before, after)
+    assert len(after) == 2
+    assert all(after[peer].inference_steps - before[peer].inference_steps == 3 + 4 for peer in after), (before, after)

@@ -13,19 +13,15 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Cache, LlamaForCausalLM
+from transformers import Cache, LlamaForCausalLM
 from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from swarm import AutoDistributedModelForCausalLM
 from swarm.cache_argument import KNOWN_NAMES, cache_argument
-from swarm.client.event_loop import run_sync
-from swarm.client.local_processes import LocalSwarm
 from swarm.client.remote_sequential import CacheNotPassed
 from swarm.errors import ConfigError
-from swarm.transport import call_unary
 from swarm.wire import swarm_rpc_pb2 as pb
-from swarm.wire.rpc import RPC_INFO
+from tests.conftest import local_and_remote, served_counts
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -34,31 +30,8 @@ NEW_TOKENS = 12
 
 @pytest.fixture(scope="module")
 def llama_swarm(tiny_models) -> Iterator[tuple[torch.nn.Module, torch.nn.Module]]:
-    """(local model, distributed model over two servers) of the tiny Llama, uncompressed wire."""
-    path = tiny_models["llama"]
-    swarm = LocalSwarm()
-    remote = None
-    try:
-        swarm.start_dht()
-        swarm.start_servers(path, ["0:3", "3:6"], "--num-threads", "1")
-        local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        remote = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers, wire_codec="none")
-        yield local, remote
-    finally:
-        if remote is not None:
-            remote.swarm_client.shutdown()
-        swarm.stop()
-
-
-def served_counts(remote) -> dict[str, pb.RequestCounts]:
-    """Each server's completed requests by kind, as its `info` reports them."""
-    client = remote.swarm_client
-    peers = {peer for servers in run_sync(client.fetch_blocks()) for peer in servers}
-    assert len(peers) == 2, peers
-    return {
-        peer: run_sync(call_unary(client.p2p, peer, RPC_INFO, pb.InfoRequest(), pb.InfoResponse, 10.0)).served
-        for peer in peers
-    }
+    with local_and_remote(tiny_models["llama"]) as models:
+        yield models
 
 
 def requests_between(before: dict[str, pb.RequestCounts], after: dict[str, pb.RequestCounts]) -> dict[str, dict[str, int]]:
@@ -76,6 +49,7 @@ def test_generate_is_one_session_of_steps(llama_swarm):
         produced = remote.generate(input_ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None)
     served = requests_between(before, served_counts(remote))
     assert torch.equal(produced, expected)
+    assert len(served) == 2, served
     # The prompt in one step, then one step per new token but the last (it is never fed back).
     for peer, counts in served.items():
         assert counts == {"sessions_opened": 1, "inference_steps": NEW_TOKENS, "forwards": 0, "backwards": 0}, (peer, counts)
