@@ -127,6 +127,7 @@ class InferenceSession:
             hop = self._hops[index]
             try:
                 output = await hop.span.step(hidden_states, position)
+                await self._spot_check(hop, position, hidden_states, output)
             except BLAMABLE as e:
                 failures += 1
                 if failures >= self.client.bans.policy.max_attempts:
@@ -147,6 +148,15 @@ class InferenceSession:
             hidden_states = output
             index += 1
         return hidden_states
+
+    async def _spot_check(self, hop: _Hop, position: int, hidden_states: torch.Tensor, output: torch.Tensor) -> None:
+        """Maybe verify a hop's step: its whole input history plus the new tokens, as a stateless forward elsewhere."""
+        checker = self.client.spot_checker
+        if checker is None or not checker.due():
+            return
+        history = hop.history(position)
+        inputs = hidden_states if history is None else torch.cat([history, hidden_states], dim=1)
+        await checker.verify(hop.peer_id, hop.span.start, hop.span.end, inputs, output, self.adapter)
 
     def close(self) -> None:
         hops, self._hops = self._hops, []

@@ -37,6 +37,7 @@ from swarm.client.remote_sequential import (
     require_session_cache,
 )
 from swarm.client.routing import RouteHop
+from swarm.client.spot_checks import SpotChecker
 from swarm.client.tuning_api import SwarmTuningMixin
 from swarm.client.wire_codecs import WireCodecs
 from swarm.client.swarm_client import SwarmClient
@@ -197,6 +198,7 @@ class AutoDistributedModelForCausalLM:
         response_codec: str | None = None,
         tuning_mode: str | None = None,
         pre_seq_len: int = 0,
+        verify_fraction: float = 0.0,
     ) -> PreTrainedModel:
         """Load the local parts of `model` (a checkpoint directory or an alias such as 'smollm2').
 
@@ -207,9 +209,13 @@ class AutoDistributedModelForCausalLM:
         `response_codec`: how they come back (default: the same).
         `tuning_mode`: "ptune" (trainable prompts before the input) or "deep_ptune" (also a prompt
         added before every block), with `pre_seq_len` prompt tokens; LoRA comes via add_adapter().
+        `verify_fraction`: the fraction of forward hops and inference steps to re-run on independent
+        servers and compare (spot checks); a server caught lying is banned for good in this client.
         """
         if not initial_peers:
             raise ConfigError("initial_peers=[...] is required: the multiaddrs printed by swarm-dht or a server")
+        if not 0 <= verify_fraction <= 1:
+            raise ConfigError(f"verify_fraction must be between 0 and 1, got {verify_fraction}")
         checkpoint = resolve_model(model)
         config = load_config(checkpoint)
         family = family_of(config)
@@ -232,6 +238,8 @@ class AutoDistributedModelForCausalLM:
         if (checkpoint / "generation_config.json").exists():
             distributed.generation_config = GenerationConfig.from_pretrained(checkpoint)
         distributed.swarm_client = client
+        if verify_fraction > 0:
+            client.spot_checker = SpotChecker(client, verify_fraction)
         distributed.setup_tuning(tuning_mode, pre_seq_len)
         distributed.eval()
         client.start()

@@ -69,12 +69,37 @@ async def forward_async(
             request = _forward_request(client, hop, state, adapter, forward_id, seed)
             reply = await _call(client, hop, RPC_FORWARD, request, pb.ForwardResponse)
             output = _checked(hop, reply.hidden_states, state.shape, "hidden states")
+            checker = client.spot_checker
+            random_dropout = keep and request.adapter.lora_dropout > 0  # a recompute could not match it
+            if checker is not None and not random_dropout and checker.due():
+                try:
+                    await checker.verify(hop.peer_id, hop.start, hop.end, state, output, adapter)
+                except RemoteError as e:
+                    raise ServerFailure(hop.peer_id, e) from e
             trace.append(TracedHop(hop, state, forward_id))
             state = output
             position = hop.end
 
     await with_rerouting(attempt, client.bans, f"forward through blocks {start}:{end}")
     return state, trace
+
+
+async def forward_on_route(
+    client: SwarmClient, route: list[RouteHop], hidden_states: torch.Tensor, adapter: AdapterPayload | None
+) -> torch.Tensor:
+    """Hidden states (batch, seq, hidden) through the given route, once, with no rerouting (spot checks)."""
+    state = hidden_states
+    for hop in route:
+        request = pb.ForwardRequest(
+            span=pb.Span(start=hop.start, end=hop.end),
+            hidden_states=encode(state, client.codecs.send),
+            response_codec=client.codecs.receive,
+        )
+        if adapter is not None:
+            request.adapter.CopyFrom(adapter.message(hop.start, hop.end))
+        reply = await _call(client, hop, RPC_FORWARD, request, pb.ForwardResponse)
+        state = _checked(hop, reply.hidden_states, state.shape, "hidden states")
+    return state
 
 
 async def backward_async(

@@ -41,6 +41,7 @@ class BanList:
         self._until: dict[str, float] = {}
         self._failures: dict[str, int] = {}
         self._failed_at: dict[str, float] = {}
+        self._liars: set[str] = set()  # banned for good: success never clears them, nor does the last resort
 
     def ban(self, peer_id: str) -> None:
         now = time.monotonic()
@@ -49,12 +50,19 @@ class BanList:
         self._failures[peer_id] = failures
         self._failed_at[peer_id] = now
         duration = min(self.policy.ban_time * 2 ** (failures - 1), self.policy.max_ban_time)
-        self._until[peer_id] = now + duration
+        self._until[peer_id] = max(self._until.get(peer_id, 0.0), now + duration)  # never shortens a ban
         logger.info("avoiding server %s for %.0f s (failure %d)", peer_id[-8:], duration, failures)
+
+    def ban_forever(self, peer_id: str) -> None:
+        """A server caught returning wrong results: never used again by this client."""
+        self._until[peer_id] = math.inf
+        self._failed_at[peer_id] = time.monotonic()
+        self._failures[peer_id] = self._failures.get(peer_id, 0) + 1
+        self._liars.add(peer_id)
 
     def succeeded(self, peer_id: str) -> None:
         """The server served a request: forget its failures."""
-        if self._failures.pop(peer_id, None) is not None:
+        if peer_id not in self._liars and self._failures.pop(peer_id, None) is not None:
             self._until.pop(peer_id, None)
             self._failed_at.pop(peer_id, None)
 
@@ -67,7 +75,10 @@ class BanList:
         least `ban_time` ago: a last resort when every server of some blocks is banned, so that a
         block's only server is not lost for the whole (doubled) ban. None if there is no such server."""
         now = time.monotonic()
-        banned = [peer for peer in self.banned().intersection(peers) if now - self._failed_at[peer] >= self.policy.ban_time]
+        banned = [
+            peer for peer in self.banned().intersection(peers)
+            if peer not in self._liars and now - self._failed_at[peer] >= self.policy.ban_time
+        ]
         if not banned:
             return None
         oldest = min(banned, key=lambda peer: self._failed_at[peer])

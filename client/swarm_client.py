@@ -7,6 +7,7 @@ import atexit
 import logging
 import time
 from collections import Counter
+from typing import TYPE_CHECKING
 
 from swarm import dht as swarm_dht
 from swarm.errors import MissingBlocksError
@@ -17,6 +18,9 @@ from swarm.client.event_loop import run_sync
 from swarm.client.retry import BanList, RetryPolicy
 from swarm.client.wire_codecs import WireCodecs
 from swarm.client.routing import RouteHop, ServerFilter, forward_route, inference_route
+
+if TYPE_CHECKING:
+    from swarm.client.spot_checks import SpotChecker
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +56,7 @@ class SwarmClient:
         self._rtt: dict[str, tuple[float, float]] = {}  # peer -> (seconds, measured at)
         self.dht = None
         self.p2p: P2P | None = None
+        self.spot_checker: SpotChecker | None = None  # set by from_pretrained(verify_fraction=...)
 
     def start(self) -> None:
         self.dht = swarm_dht.start_dht(self.initial_peers, client_mode=True)
@@ -67,9 +72,9 @@ class SwarmClient:
             self.dht.shutdown()
             self.dht = None
 
-    def server_filter(self, min_cache_tokens: int = 0) -> ServerFilter:
+    def server_filter(self, min_cache_tokens: int = 0, exclude: frozenset[str] = frozenset()) -> ServerFilter:
         codecs = frozenset({self.codecs.send, self.codecs.receive})
-        return ServerFilter(self.allowed_servers, self.blocked_servers, self.bans.banned(), min_cache_tokens, codecs)
+        return ServerFilter(self.allowed_servers, self.blocked_servers, self.bans.banned() | exclude, min_cache_tokens, codecs)
 
     async def fetch_blocks(self) -> list[dict[str, ServerRecord]]:
         loop = asyncio.get_running_loop()
@@ -86,10 +91,15 @@ class SwarmClient:
 
         return await self._route_when_covered(plan, "inference")
 
-    async def forward_route(self, start: int, end: int) -> list[RouteHop]:
-        async def plan(blocks: list[dict[str, ServerRecord]]) -> list[RouteHop]:
-            return forward_route(blocks, start, end, self.dht_prefix, self.server_filter(), self.in_flight)
+    async def forward_route(self, start: int, end: int, exclude: frozenset[str] = frozenset(), wait: bool = True) -> list[RouteHop]:
+        """A route for a stateless forward over [start, end), avoiding `exclude` too. Without `wait`,
+        missing blocks raise MissingBlocksError at once (and no banned server gets a second chance)."""
 
+        async def plan(blocks: list[dict[str, ServerRecord]]) -> list[RouteHop]:
+            return forward_route(blocks, start, end, self.dht_prefix, self.server_filter(exclude=exclude), self.in_flight)
+
+        if not wait:
+            return await plan(await self.fetch_blocks())
         return await self._route_when_covered(plan, "forward")
 
     async def parallel_routes(self, batch_size: int) -> int:

@@ -141,3 +141,13 @@ def test_a_prompt_longer_than_the_servers_limit_is_sent_in_steps(limited_swarm):
     # 21 tokens per sequence at 8 per step (16 // batch 2) is 3 steps, then 4 decode steps.
     assert len(after) == 2
     assert all(after[peer].inference_steps - before[peer].inference_steps == 3 + 4 for peer in after), (before, after)
+
+
+def test_a_liar_stays_banned_whatever_happens(clock):
+    bans = BanList(RetryPolicy(ban_time=10, max_ban_time=100))
+    bans.ban_forever("liar")
+    bans.succeeded("liar")
+    bans.ban("liar")  # an ordinary failure never shortens it
+    clock.now += 10_000
+    assert bans.banned() == {"liar"}
+    assert bans.release_oldest({"liar"}) is None

@@ -1,0 +1,105 @@
+"""Spot-check verification: re-run a fraction of the work on independent servers and compare.
+
+A server among strangers may return wrong activations (a bug, a bad GPU, or on purpose), and
+nothing in a reply's shape gives that away. With `verify_fraction=f`, about a fraction f of the
+forward hops and inference steps is re-computed as a stateless forward of the same inputs on a
+route over the same blocks that avoids the server being checked (for an inference step, the hop's
+whole input history plus the new tokens, so the verifier needs no session); the outputs must agree
+within the wire codec's tolerance. On a disagreement a third, independent route decides: the side
+that disagrees with the other two is banned for good in this client and logged as a liar. If no
+third route exists the client cannot tell who lies: it logs that and keeps the primary's answer.
+
+What this does not catch: a liar on every replica of some blocks, or a lie on an unchecked step
+(the chance of missing a server that lies on every step falls as (1-f)^steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+
+import torch
+
+from swarm.errors import RemoteError, RoutingError
+from swarm.client.remote_calls import AdapterPayload, ServerFailure, forward_on_route
+from swarm.client.swarm_client import SwarmClient
+
+logger = logging.getLogger(__name__)
+
+# Relative L2 difference two honest servers may show, by the codec on the wire (both ways). fp32
+# servers agree to ~1e-6; int8 round trips differ by ~1% per hop (scripts/bench_codecs.py).
+TOLERANCE = {"none": 1e-3, "fp16": 1e-2, "bf16": 3e-2, "int8": 0.1, "nf4": 0.3}
+
+
+class WrongResult(RemoteError):
+    """A server's output disagreed with two independent recomputations."""
+
+
+@dataclasses.dataclass
+class SpotChecker:
+    client: SwarmClient
+    fraction: float  # of hops and steps to verify, 0..1
+    rng: random.Random = dataclasses.field(default_factory=random.Random)
+    checks: int = 0
+    liars: set[str] = dataclasses.field(default_factory=set)
+
+    def due(self) -> bool:
+        return self.fraction > 0 and self.rng.random() < self.fraction
+
+    @property
+    def tolerance(self) -> float:
+        codecs = self.client.codecs
+        return max(TOLERANCE.get(codecs.send, 0.3), TOLERANCE.get(codecs.receive, 0.3))
+
+    async def verify(
+        self, peer_id: str, start: int, end: int, inputs: torch.Tensor, output: torch.Tensor, adapter: AdapterPayload | None
+    ) -> None:
+        """Check `output` (batch, n, hidden), the last n positions of what server `peer_id` computed for
+        blocks [start, end) on `inputs` (batch, seq, hidden, seq >= n). Raises WrongResult if it lied."""
+        self.checks += 1
+        second = await self._recompute(start, end, inputs, adapter, exclude={peer_id})
+        if second is None:
+            logger.debug("spot check of %s skipped: no other route over blocks %d:%d", peer_id[-8:], start, end)
+            return
+        second_output, second_peers = second
+        tail = second_output[:, -output.shape[1] :]
+        if self._agree(output, tail):
+            return
+        third = await self._recompute(start, end, inputs, adapter, exclude={peer_id, *second_peers})
+        if third is None:
+            logger.warning("server %s and %s disagree on blocks %d:%d and no third route can tell who is wrong",
+                           peer_id[-8:], "+".join(p[-8:] for p in second_peers), start, end)
+            return
+        referee = third[0][:, -output.shape[1] :]
+        if self._agree(tail, referee):
+            self._convict(peer_id, start, end)
+            raise WrongResult(peer_id, f"returned wrong outputs for blocks {start}:{end} (two other servers agree)")
+        if self._agree(output, referee):
+            for liar in second_peers:
+                self._convict(liar, start, end)
+            return
+        logger.warning("three routes disagree on blocks %d:%d; keeping the answer of %s", start, end, peer_id[-8:])
+
+    def _agree(self, a: torch.Tensor, b: torch.Tensor) -> bool:
+        difference = torch.linalg.vector_norm((a.float() - b.float())) / (torch.linalg.vector_norm(b.float()) + 1e-6)
+        return bool(difference <= self.tolerance)
+
+    def _convict(self, peer_id: str, start: int, end: int) -> None:
+        self.liars.add(peer_id)
+        self.client.bans.ban_forever(peer_id)
+        logger.error("server %s returned wrong outputs for blocks %d:%d; it is banned for good in this client", peer_id, start, end)
+
+    async def _recompute(
+        self, start: int, end: int, inputs: torch.Tensor, adapter: AdapterPayload | None, exclude: set[str]
+    ) -> tuple[torch.Tensor, list[str]] | None:
+        """The output of blocks [start, end) on `inputs` from servers outside `exclude`, and who computed
+        it; None if no such route exists or it fails (a failing verifier is banned as usual)."""
+        try:
+            route = await self.client.forward_route(start, end, exclude=frozenset(exclude), wait=False)
+            return await forward_on_route(self.client, route, inputs, adapter), [hop.peer_id for hop in route]
+        except RoutingError:
+            return None
+        except ServerFailure as failure:
+            self.client.bans.ban(failure.peer_id)
+            return None
