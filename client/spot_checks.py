@@ -7,7 +7,8 @@ route over the same blocks that avoids the server being checked (for an inferenc
 whole input history plus the new tokens, so the verifier needs no session); the outputs must agree
 within the wire codec's tolerance. On a disagreement a third, independent route decides: the side
 that disagrees with the other two is banned for good in this client and logged as a liar. If no
-third route exists the client cannot tell who lies: it logs that and keeps the primary's answer.
+third route exists (after a few fresh looks at the DHT) the client cannot tell who lies, and
+raises UnverifiableResult rather than hand back an answer it knows may be wrong.
 
 What this does not catch: a liar on every replica of some blocks, or a lie on an unchecked step
 (the chance of missing a server that lies on every step falls as (1-f)^steps).
@@ -15,13 +16,14 @@ What this does not catch: a liar on every replica of some blocks, or a lie on an
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import random
 
 import torch
 
-from swarm.errors import RemoteError, RoutingError
+from swarm.errors import RemoteError, RoutingError, SwarmError
 from swarm.client.remote_calls import AdapterPayload, ServerFailure, forward_on_route
 from swarm.client.swarm_client import SwarmClient
 
@@ -36,12 +38,21 @@ class WrongResult(RemoteError):
     """A server's output disagreed with two independent recomputations."""
 
 
+class UnverifiableResult(SwarmError):
+    """Two servers disagree and no third one can decide which is right."""
+
+
+REFEREE_ATTEMPTS = 3  # fresh DHT reads while looking for a third route (a read may miss a record)
+REFEREE_RETRY_DELAY = 0.5  # seconds
+
+
 @dataclasses.dataclass
 class SpotChecker:
     client: SwarmClient
     fraction: float  # of hops and steps to verify, 0..1
     rng: random.Random = dataclasses.field(default_factory=random.Random)
-    checks: int = 0
+    checks: int = 0  # comparisons made
+    skipped: int = 0  # checks due but impossible (no other route over the blocks)
     liars: set[str] = dataclasses.field(default_factory=set)
 
     def due(self) -> bool:
@@ -57,20 +68,29 @@ class SpotChecker:
     ) -> None:
         """Check `output` (batch, n, hidden), the last n positions of what server `peer_id` computed for
         blocks [start, end) on `inputs` (batch, seq, hidden, seq >= n). Raises WrongResult if it lied."""
-        self.checks += 1
         second = await self._recompute(start, end, inputs, adapter, exclude={peer_id})
         if second is None:
+            self.skipped += 1
             logger.debug("spot check of %s skipped: no other route over blocks %d:%d", peer_id[-8:], start, end)
             return
+        self.checks += 1
         second_output, second_peers = second
         tail = second_output[:, -output.shape[1] :]
         if self._agree(output, tail):
             return
-        third = await self._recompute(start, end, inputs, adapter, exclude={peer_id, *second_peers})
+        third = None
+        for attempt in range(REFEREE_ATTEMPTS):
+            if attempt:
+                await asyncio.sleep(REFEREE_RETRY_DELAY)
+            third = await self._recompute(start, end, inputs, adapter, exclude={peer_id, *second_peers})
+            if third is not None:
+                break
         if third is None:
-            logger.warning("server %s and %s disagree on blocks %d:%d and no third route can tell who is wrong",
-                           peer_id[-8:], "+".join(p[-8:] for p in second_peers), start, end)
-            return
+            others = "+".join(p[-8:] for p in second_peers)
+            raise UnverifiableResult(
+                f"servers {peer_id[-8:]} and {others} disagree on blocks {start}:{end} and no third server can tell "
+                "which is right; add servers of those blocks, or pass verify_fraction=0 to accept unverified results"
+            )
         referee = third[0][:, -output.shape[1] :]
         if self._agree(tail, referee):
             self._convict(peer_id, start, end)
@@ -79,7 +99,7 @@ class SpotChecker:
             for liar in second_peers:
                 self._convict(liar, start, end)
             return
-        logger.warning("three routes disagree on blocks %d:%d; keeping the answer of %s", start, end, peer_id[-8:])
+        raise UnverifiableResult(f"three routes over blocks {start}:{end} disagree with each other")
 
     def _agree(self, a: torch.Tensor, b: torch.Tensor) -> bool:
         difference = torch.linalg.vector_norm((a.float() - b.float())) / (torch.linalg.vector_norm(b.float()) + 1e-6)

@@ -27,7 +27,8 @@ from swarm.server.adapters import MAX_PROMPT_LENGTH, ParsedAdapter, applied, par
 from swarm.server.backprop import ActivationStore, backward, forward_for_backward
 from swarm.server.cache_budget import CacheBudget
 from swarm.server.peer_limits import PeerGovernor
-from swarm.server.compute_worker import PRIORITY_FORWARD, PRIORITY_INFERENCE, ComputeWorker
+from swarm.server.compute_worker import ComputeWorker
+from swarm.server.scheduler import TaskKind
 from swarm.server.span_runner import SpanRunner
 
 logger = logging.getLogger(__name__)
@@ -105,15 +106,17 @@ class SpanHandlers:
         response_codec = check_codec(request.response_codec)
         hidden = self._check_hidden(request.hidden_states)
         adapter = parse_adapter(request.adapter, runner, start, end, self.limits.max_lora_rank)
+        peer, cost = _caller(context), _cost(hidden, start, end)
         if request.forward_id:
             compute = functools.partial(forward_for_backward, runner, hidden, start, end, adapter, request.dropout_seed)
             began = time.perf_counter()
-            kept = await self.worker.submit(PRIORITY_FORWARD, compute)
+            kept = await self.worker.submit(TaskKind.FORWARD, peer, cost, compute)
             logger.debug("forward (kept) compute for blocks %d:%d took %.3f s", start, end, time.perf_counter() - began)
             self.activations.put((_caller(context), request.forward_id), kept)
             output = kept.output.detach()
         else:
-            output = await self.worker.submit(PRIORITY_FORWARD, functools.partial(_run_frozen, runner, hidden, start, end, adapter))
+            compute = functools.partial(_run_frozen, runner, hidden, start, end, adapter)
+            output = await self.worker.submit(TaskKind.FORWARD, peer, cost, compute)
         self.served.forwards += 1
         return pb.ForwardResponse(hidden_states=encode(output, response_codec))
 
@@ -144,10 +147,10 @@ class SpanHandlers:
         if kept is None or kept.inputs.shape != hidden.shape:
             adapter = parse_adapter(request.adapter, runner, start, end, self.limits.max_lora_rank)
             compute = functools.partial(forward_for_backward, runner, hidden, start, end, adapter, request.dropout_seed)
-            kept = await self.worker.submit(PRIORITY_FORWARD, compute)
+            kept = await self.worker.submit(TaskKind.FORWARD, _caller(context), _cost(hidden, start, end), compute)
         began = time.perf_counter()
         grad_inputs, lora_grads, prompt_grads = await self.worker.submit(
-            PRIORITY_FORWARD, functools.partial(backward, kept, grad_outputs)
+            TaskKind.BACKWARD, _caller(context), 2 * _cost(hidden, start, end), functools.partial(backward, kept, grad_outputs)
         )
         logger.debug("backward compute for blocks %d:%d took %.3f s", start, end, time.perf_counter() - began)
         response = pb.BackwardResponse(
@@ -163,14 +166,14 @@ class SpanHandlers:
         """One inference session: an open, then steps until the client closes the stream."""
         try:
             with self.governor.session(_caller(context)):
-                async for frame in self._session(frames):
+                async for frame in self._session(frames, _caller(context)):
                     yield frame
         except Exception as e:
             for frame in to_frames(pb.InferenceResponse(error=_error_reply(e, "inference"))):
                 yield frame
             await read_until_end(frames, timeout=1.0)  # the session is over: let the caller finish writing
 
-    async def _session(self, frames: AsyncIterator[pb.Frame]) -> AsyncIterator[pb.Frame]:
+    async def _session(self, frames: AsyncIterator[pb.Frame], peer: str) -> AsyncIterator[pb.Frame]:
         no_open = "an inference session must start with an `open` message"
         request = await self._read_request(frames, pb.InferenceRequest, self._adapter_bytes(), no_open)
         if request.WhichOneof("request") != "open":
@@ -187,12 +190,13 @@ class SpanHandlers:
             yield single_frame(pb.InferenceResponse(opened=pb.SessionOpened(
                 max_length=opening.max_length, max_tokens_per_request=self.limits.max_tokens_per_request)))
             self.served.sessions_opened += 1
-            async for frame in self._run_session(frames, opening, runner, adapter, start, end):
+            async for frame in self._run_session(frames, peer, opening, runner, adapter, start, end):
                 yield frame
 
     async def _run_session(
         self,
         frames: AsyncIterator[pb.Frame],
+        peer: str,
         opening: pb.SessionOpen,
         runner: SpanRunner,
         adapter: ParsedAdapter | None,
@@ -236,7 +240,7 @@ class SpanHandlers:
                 cache.crop(step.position - position)  # crop takes a negative count: drop the last tokens
             position = step.position
             compute = functools.partial(_run_frozen, runner, hidden, start, end, adapter, position, cache)
-            output = await self.worker.submit(PRIORITY_INFERENCE, compute)
+            output = await self.worker.submit(TaskKind.INFERENCE, peer, _cost(hidden, start, end), compute)
             position += hidden.shape[1]
             result = pb.StepResult(hidden_states=encode(output, response_codec), position=position, step_id=step.step_id)
             self.served.inference_steps += 1
@@ -307,6 +311,11 @@ def _run_frozen(
     """Blocks [start, end) without autograd, with the caller's adapter if any."""
     with torch.inference_mode(), applied(runner, adapter, start, position=position):
         return runner(hidden, start, end, position=position, cache=cache)
+
+
+def _cost(hidden: torch.Tensor, start: int, end: int) -> float:
+    """What a task costs the compute thread, for fair scheduling: tokens x blocks."""
+    return float(hidden.shape[0] * hidden.shape[1] * (end - start))
 
 
 def _caller(context: object) -> str:
