@@ -20,16 +20,15 @@ from safetensors import safe_open
 from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
 
-from swarm.errors import ConfigError, InvalidRequest
+from swarm.cache_argument import cache_argument
+from swarm.errors import CacheNotPassed, ConfigError, InvalidRequest
 from swarm.families import ModelFamily, family_of, load_config
 from swarm.limits import ROUTE_WAIT
 from swarm.wire.codecs import DEFAULT_CODEC
 from swarm.model_id import model_dht_prefix, validate_dht_prefix
 from swarm.model_source import resolve_model
 from swarm.client.inference_session import InferenceSession
-from swarm.cache_argument import cache_argument
 from swarm.client.remote_sequential import (
-    CacheNotPassed,
     RemoteCache,
     RemoteSequential,
     find_remote_cache,

@@ -25,7 +25,7 @@ import transformers
 from torch import nn
 from transformers import DynamicCache
 
-from swarm.errors import SwarmError
+from swarm.errors import CacheNotPassed
 from swarm.client.adapters import RequestAdapter
 from swarm.client.event_loop import run_sync
 from swarm.client.inference_session import InferenceSession
@@ -57,10 +57,6 @@ class RemoteCache(DynamicCache):
         made transformers 5.24's generate() treat it as linear and send the whole prompt again.
         """
         return [False] * self.session.client.num_blocks
-
-
-class CacheNotPassed(SwarmError):
-    """generate() ran a model step without handing over the session's cache."""
 
 
 # The session whose generate() call is running in this thread or task, if any.

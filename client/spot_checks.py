@@ -23,7 +23,7 @@ import random
 
 import torch
 
-from swarm.errors import RemoteError, RoutingError, SwarmError
+from swarm.errors import RoutingError, UnverifiableResult, WrongResult
 from swarm.client.remote_calls import AdapterPayload, ServerFailure, forward_on_route
 from swarm.client.swarm_client import SwarmClient
 
@@ -32,14 +32,6 @@ logger = logging.getLogger(__name__)
 # Relative L2 difference two honest servers may show, by the codec on the wire (both ways). fp32
 # servers agree to ~1e-6; int8 round trips differ by ~1% per hop (scripts/bench_codecs.py).
 TOLERANCE = {"none": 1e-3, "fp16": 1e-2, "bf16": 3e-2, "int8": 0.1, "nf4": 0.3}
-
-
-class WrongResult(RemoteError):
-    """A server's output disagreed with two independent recomputations."""
-
-
-class UnverifiableResult(SwarmError):
-    """Two servers disagree and no third one can decide which is right."""
 
 
 REFEREE_ATTEMPTS = 3  # fresh DHT reads while looking for a third route (a read may miss a record)

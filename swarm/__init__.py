@@ -12,6 +12,7 @@ from typing import Any
 
 from swarm.errors import (
     CacheFull,
+    CacheNotPassed,
     ConfigError,
     InvalidRequest,
     MissingBlocksError,
@@ -19,12 +20,15 @@ from swarm.errors import (
     RemoteError,
     RoutingError,
     SwarmError,
+    UnverifiableResult,
+    WrongResult,
 )
 from swarm.version import __version__
 
 __all__ = [
     "AutoDistributedModelForCausalLM",
     "CacheFull",
+    "CacheNotPassed",
     "ConfigError",
     "InvalidRequest",
     "MissingBlocksError",
@@ -32,6 +36,8 @@ __all__ = [
     "RemoteError",
     "RoutingError",
     "SwarmError",
+    "UnverifiableResult",
+    "WrongResult",
     "__version__",
 ]
 

@@ -8,7 +8,10 @@
     ├── RoutingError                      no chain of servers can serve the request
     │   └── MissingBlocksError            some blocks are served by nobody
     ├── RemoteError                       a server answered with an error
-    │   └── PeerTimeout (TimeoutError)    a server did not answer in time
+    │   ├── PeerTimeout (TimeoutError)    a server did not answer in time
+    │   └── WrongResult                   a server's output disagreed with two independent recomputations
+    ├── UnverifiableResult                two servers disagree and no third one can decide (spot checks)
+    ├── CacheNotPassed                    generate() ran a step without its session's cache (a transformers change)
     └── CacheFull                         the server's attention cache has no room for a session
 
 Servers raise `InvalidRequest` and `CacheFull` inside handlers; the handler edge turns them into an
@@ -62,6 +65,18 @@ class RemoteError(SwarmError):
 
 class PeerTimeout(RemoteError, TimeoutError):
     """A server did not answer in time."""
+
+
+class WrongResult(RemoteError):
+    """A server's output disagreed with two independent recomputations: it is banned for good."""
+
+
+class UnverifiableResult(SwarmError):
+    """Two servers disagree and no third one can decide which is right."""
+
+
+class CacheNotPassed(SwarmError):
+    """generate() ran a model step without handing over the inference session's cache."""
 
 
 class CacheFull(SwarmError):

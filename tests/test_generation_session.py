@@ -18,8 +18,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from swarm.cache_argument import KNOWN_NAMES, cache_argument
-from swarm.client.remote_sequential import CacheNotPassed
-from swarm.errors import ConfigError
+from swarm.errors import CacheNotPassed, ConfigError
 from swarm.wire import swarm_rpc_pb2 as pb
 from tests.conftest import local_and_remote, served_counts
 
