@@ -68,6 +68,19 @@ def encode(tensor: torch.Tensor, codec: str = "none") -> pb.Tensor:
     return message
 
 
+MAX_DIMS = 8
+MAX_DIM_SIZE = 2**31 - 1  # torch's strides overflow well before the bytes would run out
+
+
+def _check_shape(shape: tuple[int, ...]) -> None:
+    """InvalidRequest unless torch can hold a tensor of this shape (even an empty one: a zero in one
+    dimension does not make 2**40 in another harmless to torch's stride arithmetic)."""
+    if len(shape) > MAX_DIMS:
+        raise InvalidRequest(f"tensor has {len(shape)} dimensions, more than {MAX_DIMS}")
+    if any(size > MAX_DIM_SIZE for size in shape) or math.prod(max(size, 1) for size in shape) > MAX_DIM_SIZE * 4:
+        raise InvalidRequest(f"tensor shape {shape} is too large")
+
+
 def decode(message: pb.Tensor, max_elements: int | None = None) -> torch.Tensor:
     """Decode a tensor, raising InvalidRequest if its header and payload disagree."""
     codec = check_codec(message.codec)
@@ -75,6 +88,7 @@ def decode(message: pb.Tensor, max_elements: int | None = None) -> torch.Tensor:
     if dtype is None:
         raise InvalidRequest(f"dtype {message.dtype!r} is not allowed (allowed: {', '.join(WIRE_DTYPES)})")
     shape = tuple(message.shape)
+    _check_shape(shape)
     numel = math.prod(shape)
     if max_elements is not None and numel > max_elements:
         raise InvalidRequest(f"tensor of shape {shape} has {numel} elements, more than the limit {max_elements}")
