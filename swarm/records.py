@@ -178,11 +178,9 @@ def open_envelope(key: str, peer_id: str, subkey: bytes, expiration: float, valu
     """
     if not isinstance(value, dict):
         raise InvalidRecord(f"value is a {type(value).__name__}, not a signed envelope")
-    body, public_key, signature = value.get("body"), value.get("pk"), value.get("sig")
-    for name, part, limit in (("body", body, MAX_BODY_BYTES), ("pk", public_key, MAX_PUBLIC_KEY_BYTES),
-                              ("sig", signature, MAX_SIGNATURE_BYTES)):
-        if not isinstance(part, bytes) or len(part) > limit:
-            raise InvalidRecord(f"envelope field {name!r} is not bytes of at most {limit}")
+    body = _bytes_part(value, "body", MAX_BODY_BYTES)
+    public_key = _bytes_part(value, "pk", MAX_PUBLIC_KEY_BYTES)
+    signature = _bytes_part(value, "sig", MAX_SIGNATURE_BYTES)
     if isinstance(expiration, bool) or not isinstance(expiration, (int, float)) or not math.isfinite(expiration):
         raise InvalidRecord("bad expiration time")
     if peer_id_of_public_key(public_key) != peer_id:
@@ -198,6 +196,13 @@ def open_envelope(key: str, peer_id: str, subkey: bytes, expiration: float, valu
     except InvalidSignature:
         raise InvalidRecord("bad signature") from None
     return _decode_body(body)
+
+
+def _bytes_part(envelope: dict[Any, Any], name: str, limit: int) -> bytes:
+    part = envelope.get(name)
+    if not isinstance(part, bytes) or len(part) > limit:
+        raise InvalidRecord(f"envelope field {name!r} is not bytes of at most {limit}")
+    return part
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:
@@ -304,7 +309,7 @@ def _check_field(name: str, value: Any) -> Any:
         if len(value) > _MAX_LIST or not all(isinstance(item, str) and len(item) <= _MAX_STRING for item in value):
             raise InvalidRecord(f"field {name!r} must be a short list of short strings")
         return tuple(value)
-    if name == "next_pings":
+    if isinstance(value, dict):  # next_pings
         if len(value) > _MAX_LIST or not all(
             _looks_like_peer_id(peer) and isinstance(rtt, (int, float)) and not isinstance(rtt, bool)
             and math.isfinite(rtt) and rtt >= 0
@@ -312,7 +317,7 @@ def _check_field(name: str, value: Any) -> Any:
         ):
             raise InvalidRecord("field 'next_pings' must map peer ids to finite, non-negative seconds")
         return tuple(sorted((peer, float(rtt)) for peer, rtt in value.items()))
-    if name in ("throughput", "inference_rps"):
+    if isinstance(value, (int, float)) and name in ("throughput", "inference_rps"):
         if not math.isfinite(value):
             raise InvalidRecord(f"field {name!r} is not finite")
         return float(value)
