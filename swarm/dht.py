@@ -22,6 +22,7 @@ import hivemind.dht.dht as hivemind_dht_module
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 from hivemind.utils.multiaddr import Multiaddr
 
@@ -79,6 +80,7 @@ def start_dht(
     host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
     announce_maddrs: Sequence[str] = (),
     identity_path: str | None = None,
+    identity_is_new: bool = False,
     client_mode: bool = False,
 ) -> hivemind.DHT:
     """Start a DHT peer that signs its records; raise ConfigError if no initial peer answers.
@@ -94,6 +96,8 @@ def start_dht(
         kwargs["announce_maddrs"] = list(announce_maddrs)
     if identity_path:
         kwargs["identity_path"] = identity_path
+    if identity_is_new:  # nobody else can hold a key generated a moment ago: skip hivemind's 0.2 s check
+        kwargs["check_if_identity_free"] = False
     try:
         return hivemind.DHT(
             initial_peers=list(initial_peers),
@@ -118,13 +122,16 @@ def start_server_dht(
     """A DHT peer that publishes records, and the signer of its libp2p identity (swarm.records).
 
     p2pd keeps a key it generates itself out of our reach, so the identity always comes from a file:
-    `identity_path`, or else a fresh one that hivemind writes (RSA, notes/hivemind.md §4) into a private
-    temporary directory, read once the peer runs and then deleted.
+    `identity_path` (hivemind creates it if missing), or else a fresh one (RSA, as hivemind writes them,
+    notes/hivemind.md §4) in a private temporary directory, deleted once the peer runs.
     """
     scratch = None if identity_path else tempfile.mkdtemp(prefix="swarm-identity-")
-    path = identity_path or str(Path(scratch, "identity.key"))  # type: ignore[arg-type]
+    path = str(Path(scratch, "identity.key")) if scratch is not None else str(identity_path)
     try:
-        dht = start_dht(initial_peers, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs, identity_path=path)
+        if scratch is not None:
+            P2P.generate_identity(path)
+        dht = start_dht(initial_peers, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs, identity_path=path,
+                        identity_is_new=scratch is not None)
         identity = Path(path).read_bytes()
     finally:
         if scratch is not None:
