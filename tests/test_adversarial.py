@@ -55,17 +55,22 @@ class Attacker:
         self.peer_id = swarm_dht.peer_id_of(self.dht)
         self.owner_marker = own[len(self.peer_id):]  # b"[owner:ssh-rsa ...]": only this peer may write such subkeys
 
-    def subkey(self, peer_id: str) -> bytes:
-        """A subkey that names `peer_id` but belongs to the attacker."""
-        return peer_id.encode() + self.owner_marker
+    def subkey(self, peer_id: str, suffix: bytes = b"") -> bytes:
+        """A subkey that names `peer_id` but belongs to the attacker (`suffix` makes another such subkey)."""
+        return peer_id.encode() + self.owner_marker + suffix
 
-    def store(self, key: str, value: object, subkey: bytes) -> None:
-        self.dht.store(key, value, get_dht_time() + ATTACK_LIFETIME, subkey=subkey)
+    def store(self, key: str, value: object, subkey: bytes, expiration: float | None = None) -> None:
+        self.dht.store(key, value, expiration or get_dht_time() + ATTACK_LIFETIME, subkey=subkey)
         assert subkey in self.read(key), "the attack did not land: the test would prove nothing"
 
     def read(self, key: str) -> dict:
         found = self.dht.get(key, latest=True)
         return {subkey: entry.value for subkey, entry in found.value.items()} if found is not None else {}
+
+    def genuine(self, key: str, *peer_ids: str) -> object:
+        """The value that one of these (honest) peers stored itself under `key`."""
+        names = tuple(peer_id.encode() for peer_id in peer_ids)
+        return next(value for sub, value in self.read(key).items() if sub.startswith(names) and self.owner_marker not in sub)
 
     def shutdown(self) -> None:
         self.dht.shutdown()
@@ -133,8 +138,7 @@ def test_a_record_copied_under_an_invalid_peer_id_is_dropped(swarm, attacker, pr
     _, _, honest = swarm
     for index in range(6):
         key = block_key(prefix, index)
-        genuine = next(value for subkey, value in attacker.read(key).items() if subkey.startswith(tuple(p.encode() for p in honest)))
-        attacker.store(key, genuine, attacker.subkey(INVALID_PEER_ID))
+        attacker.store(key, attacker.genuine(key, *honest), attacker.subkey(INVALID_PEER_ID))
     assert_new_client_generates(swarm, expected_tokens)
 
 
@@ -162,12 +166,10 @@ def test_records_signed_by_another_identity_or_tampered_are_dropped(swarm, attac
     for peer_id, (start, end) in honest.items():
         offline = {"state": "offline", "start": start, "end": end}
         for index in range(start, end):
-            key, subkey = block_key(prefix, index), attacker.subkey(peer_id)
-            attacker.dht.store(key, signer.seal(key, subkey, expires, offline), expires, subkey=subkey)
-            genuine = next(value for sub, value in attacker.read(key).items() if sub.startswith(peer_id.encode()) and sub != subkey)
-            tampered = genuine | {"body": msgpack.packb(offline)}
-            attacker.dht.store(key, tampered, expires + 1, subkey=subkey)
-            assert attacker.read(key)[subkey] == tampered
+            key, signed, altered = block_key(prefix, index), attacker.subkey(peer_id, b"/signed"), attacker.subkey(peer_id, b"/altered")
+            genuine = attacker.genuine(key, peer_id)
+            attacker.store(key, signer.seal(key, signed, expires, offline), signed, expires)
+            attacker.store(key, genuine | {"body": msgpack.packb(offline)}, altered, expires)
     assert_new_client_generates(swarm, expected_tokens)
 
 
@@ -182,15 +184,19 @@ def test_a_poisoned_model_index_changes_nothing(swarm, attacker, prefix, expecte
     """(d) Index entries with a huge num_blocks for the served model: the health page and clients are unaffected."""
     local, _, honest = swarm
     poisoned = {"v": 1, "dht_prefix": prefix, "num_blocks": 10_000, "model_type": "llama"}
-    for name in (prefix, attacker.peer_id, *honest):  # the subkey names the model, the attacker, the honest servers
+    names = (prefix, attacker.peer_id, *honest)  # the subkey names the model, the attacker, the honest servers
+    for name in names:
         attacker.store(MODEL_INDEX_KEY, poisoned, attacker.subkey(name))
+    attacker.store(block_key(prefix, 0), {"state": "online", "start": 0, "end": 6}, attacker.subkey(attacker.peer_id, b"/plain"))
     url = local.start_health(free_port(), "--refresh-period", "1")
     state = json.loads(urllib.request.urlopen(url + "api/v1/state?refresh=1", timeout=60).read())
     (model,) = state["models"]
     assert (model["dht_prefix"], model["num_blocks"], model["healthy"]) == (prefix, 6, True)
     assert {server["peer_id"] for server in model["servers"]} == set(honest)
-    assert state["invalid_index_records"] >= 3
+    assert state["invalid_index_records"] >= len(names) and model["invalid_count"] >= 1
     metrics = urllib.request.urlopen(url + "metrics", timeout=60).read().decode()
     assert f'swarm_blocks{{model="{prefix}"}} 6' in metrics
-    assert "6 blocks, 2 server(s)" in urllib.request.urlopen(url, timeout=60).read().decode()
+    assert f'swarm_invalid_records{{model="{prefix}"}} {model["invalid_count"]}' in metrics
+    page = urllib.request.urlopen(url, timeout=60).read().decode()
+    assert "6 blocks, 2 server(s)" in page and f"Ignored {model['invalid_count']} invalid record(s)" in page
     assert_new_client_generates(swarm, expected_tokens)
