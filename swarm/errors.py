@@ -4,12 +4,14 @@
     ├── ConfigError (ValueError)          bad CLI flag, model path, alias, block range
     ├── InvalidRequest (ValueError)       a request that breaks the wire contract (shape, dtype, limits)
     │   └── SpanNotServed                 (server side) the server does not hold the requested blocks
+    ├── InvalidRecord (ValueError)        a DHT value that is malformed or not signed by the peer it names
     ├── RoutingError                      no chain of servers can serve the request
     │   └── MissingBlocksError            some blocks are served by nobody
     ├── RemoteError                       a server answered with an error
     │   └── PeerTimeout (TimeoutError)    a server did not answer in time
     └── CacheFull                         the server's attention cache has no room for a session
 
+`InvalidRecord` never leaves a DHT read: readers drop and count such values (swarm/records.py).
 Servers raise `InvalidRequest` and `CacheFull` inside handlers; the handler edge turns them into an
 error reply for that caller only. Clients see a server's failure (and SpanNotServed, which means the
 route is stale) as `RemoteError` carrying its message, and their own mistakes as `InvalidRequest`.
@@ -32,6 +34,10 @@ class InvalidRequest(SwarmError, ValueError):
 
 class SpanNotServed(InvalidRequest):
     """The server does not hold the requested blocks: the caller's route is stale, not wrong."""
+
+
+class InvalidRecord(SwarmError, ValueError):
+    """A value read from the DHT that breaks the record schema or is not signed by the peer it names."""
 
 
 class RoutingError(SwarmError):

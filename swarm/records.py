@@ -46,7 +46,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from swarm.errors import ConfigError
+from swarm.errors import ConfigError, InvalidRecord
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +75,6 @@ class ServerState(str, enum.Enum):
     JOINING = "joining"
     ONLINE = "online"
     OFFLINE = "offline"
-
-
-class InvalidRecord(ValueError):
-    """A record from the DHT that does not follow the schema or is not signed by the peer it names; dropped."""
 
 
 def block_key(dht_prefix: str, block_index: int) -> str:
