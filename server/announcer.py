@@ -10,7 +10,7 @@ from collections.abc import Callable
 from swarm.dht import DHT, declare_span, fetch_records_at
 from swarm.transport import P2P
 from swarm.limits import RECORD_EXPIRATION, RECORD_REFRESH_PERIOD
-from swarm.records import ModelRecord, ServerRecord, ServerState
+from swarm.records import ModelRecord, RecordSigner, ServerRecord, ServerState
 from swarm.server.peer_pings import ping_next_servers
 
 logger = logging.getLogger(__name__)
@@ -20,6 +20,7 @@ class Announcer:
     def __init__(
         self,
         dht: DHT,
+        signer: RecordSigner,
         dht_prefix: str,
         record: ServerRecord,
         model: ModelRecord,
@@ -27,6 +28,7 @@ class Announcer:
         refresh_period: float = RECORD_REFRESH_PERIOD,
     ):
         self.dht = dht
+        self.signer = signer
         self.dht_prefix = dht_prefix
         self.record = record
         self.model = model
@@ -38,7 +40,7 @@ class Announcer:
         self.record = dataclasses.replace(self.record, state=state, cache_tokens_left=self.cache_tokens_left())
         # Offline records expire like online ones: the DHT keeps whichever expires later, so a shorter
         # expiration would lose to the online record it must replace.
-        declare_span(self.dht, self.dht_prefix, self.record, self.model, RECORD_EXPIRATION)
+        declare_span(self.dht, self.signer, self.dht_prefix, self.record, self.model, RECORD_EXPIRATION)
         logger.debug("announced %s for blocks %d:%d", state.value, self.record.start, self.record.end)
 
     def move(self, start: int, end: int) -> None:
@@ -50,7 +52,7 @@ class Announcer:
         left_behind = range(left.start, start) if left.start < start else range(max(end, left.start), left.stop)
         if len(left_behind):
             offline = dataclasses.replace(old, state=ServerState.OFFLINE)
-            declare_span(self.dht, self.dht_prefix, offline, self.model, RECORD_EXPIRATION, blocks=left_behind)
+            declare_span(self.dht, self.signer, self.dht_prefix, offline, self.model, RECORD_EXPIRATION, blocks=left_behind)
 
     async def run(self, stop: asyncio.Event, p2p: P2P, peer_id: str) -> None:
         """Refresh the online record (with fresh pings to the next servers) every period until `stop` is set."""
@@ -59,10 +61,16 @@ class Announcer:
             try:
                 await asyncio.wait_for(stop.wait(), self.refresh_period)
             except TimeoutError:
+                # Separate attempts: failing to read the next servers (however their records look) must
+                # never keep this server from refreshing its own record; it then announces no pings.
                 try:
                     await self._measure_next_pings(p2p, peer_id)
+                except Exception as e:  # noqa: BLE001 - pings are optional figures; the refresh is not
+                    logger.warning("could not measure pings to the next servers: %s", e)
+                    self.record = dataclasses.replace(self.record, next_pings=())
+                try:
                     await loop.run_in_executor(None, self.announce, ServerState.ONLINE)
-                except Exception as e:  # a missed refresh is retried next period; the record outlives one
+                except Exception as e:  # noqa: BLE001 - a missed refresh is retried next period; the record outlives one
                     logger.warning("could not refresh the DHT record: %s", e)
 
     async def _measure_next_pings(self, p2p: P2P, peer_id: str) -> None:

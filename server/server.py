@@ -69,7 +69,7 @@ class Server:
         if cfg.num_blocks is not None:
             self._check_memory(cfg.num_blocks)
         throughput = self._throughput()
-        self.dht = swarm_dht.start_dht(
+        self.dht, signer = swarm_dht.start_server_dht(
             cfg.initial_peers, host_maddrs=cfg.host_maddrs, announce_maddrs=cfg.announce_maddrs, identity_path=cfg.identity_path
         )
         try:
@@ -87,8 +87,10 @@ class Server:
                 version=__version__,
                 public_name=cfg.public_name,
             )
-            self.model_record = ModelRecord(num_blocks=self.total_blocks, model_type=self.model_config.model_type)
-            self.announcer = Announcer(self.dht, self.dht_prefix, self.record, self.model_record, lambda: 0)
+            self.model_record = ModelRecord(
+                dht_prefix=self.dht_prefix, num_blocks=self.total_blocks, model_type=self.model_config.model_type
+            )
+            self.announcer = Announcer(self.dht, signer, self.dht_prefix, self.record, self.model_record, lambda: 0)
             self.announcer.announce(ServerState.JOINING)
             self.runner = self._load_runner(start, end)
             asyncio.run(self._serve())

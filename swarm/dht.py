@@ -11,22 +11,41 @@ import asyncio
 import functools
 import logging
 import re
+import shutil
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import hivemind
 import hivemind.dht.dht as hivemind_dht_module
 from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.protocol import DHTProtocol
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 from hivemind.utils.multiaddr import Multiaddr
 
 from swarm.errors import ConfigError, SwarmError
-from swarm.records import MODEL_INDEX_KEY, InvalidRecord, ModelRecord, ServerRecord, block_key, parse_block_entries
+from swarm.records import (
+    MODEL_INDEX_KEY,
+    ModelRecord,
+    RawEntry,
+    RecordSigner,
+    Rejections,
+    ServerRecord,
+    block_key,
+    parse_block_entries,
+    parse_model_index,
+)
 
 logger = logging.getLogger(__name__)
 
 DHT = hivemind.DHT  # re-exported: the sides name the type from here
 DHT_CALL_TIMEOUT = 30.0  # seconds; a dead DHT process would otherwise block callers forever (trap 5)
+# Furthest ahead a stored value may expire: Swarm's records live RECORD_EXPIRATION (60 s); the rest is
+# room for clock skew between peers.
+MAX_EXPIRATION_AHEAD = 600.0  # seconds
 _OWNER_MARKER = b"[owner:"
 
 
@@ -41,12 +60,27 @@ def _stdlib_event_loop() -> asyncio.AbstractEventLoop:
 hivemind_dht_module.switch_to_uvloop = _stdlib_event_loop
 
 
+class _SubkeyedRecordsOnly(RecordValidatorBase):
+    """Refuses values stored without a subkey, and values that expire more than MAX_EXPIRATION_AHEAD from now.
+
+    In hivemind's storage a value without a subkey and with a later expiration replaces a key's whole
+    dictionary (hivemind/dht/storage.py, DHTLocalStorage.store_subkey and TimedStorage.store), so one
+    such store would hide every server of a block until it expires. Swarm stores only subkeyed values
+    with short expirations, so every honest peer refuses the rest, both when asked to store them and
+    in the answers to its own reads (hivemind/dht/protocol.py, _validate_record).
+    """
+
+    def validate(self, record: DHTRecord) -> bool:
+        return record.subkey != DHTProtocol.IS_REGULAR_VALUE and record.expiration_time <= get_dht_time() + MAX_EXPIRATION_AHEAD
+
+
 def start_dht(
     initial_peers: Sequence[str] = (),
     *,
     host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
     announce_maddrs: Sequence[str] = (),
     identity_path: str | None = None,
+    identity_is_new: bool = False,
     client_mode: bool = False,
 ) -> hivemind.DHT:
     """Start a DHT peer that signs its records; raise ConfigError if no initial peer answers.
@@ -62,11 +96,13 @@ def start_dht(
         kwargs["announce_maddrs"] = list(announce_maddrs)
     if identity_path:
         kwargs["identity_path"] = identity_path
+    if identity_is_new:  # nobody else can hold a key generated a moment ago: skip hivemind's 0.2 s check
+        kwargs["check_if_identity_free"] = False
     try:
         return hivemind.DHT(
             initial_peers=list(initial_peers),
             start=True,
-            record_validators=[RSASignatureValidator()],
+            record_validators=[RSASignatureValidator(), _SubkeyedRecordsOnly()],
             **kwargs,
         )
     except Exception as e:
@@ -74,6 +110,40 @@ def start_dht(
         if "bootstrap" in message or "initial_peers" in message:
             raise ConfigError(f"none of the initial peers answered: {', '.join(initial_peers)}") from None
         raise SwarmError(f"could not start the DHT peer: {message}") from None
+
+
+def start_server_dht(
+    initial_peers: Sequence[str] = (),
+    *,
+    host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
+    announce_maddrs: Sequence[str] = (),
+    identity_path: str | None = None,
+) -> tuple[hivemind.DHT, RecordSigner]:
+    """A DHT peer that publishes records, and the signer of its libp2p identity (swarm.records).
+
+    p2pd keeps a key it generates itself out of our reach, so the identity always comes from a file:
+    `identity_path` (hivemind creates it if missing), or else a fresh one (RSA, as hivemind writes them,
+    notes/hivemind.md §4) in a private temporary directory, deleted once the peer runs.
+    """
+    scratch = None if identity_path else tempfile.mkdtemp(prefix="swarm-identity-")
+    path = str(Path(scratch, "identity.key")) if scratch is not None else str(identity_path)
+    try:
+        if scratch is not None:
+            P2P.generate_identity(path)
+        dht = start_dht(initial_peers, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs, identity_path=path,
+                        identity_is_new=scratch is not None)
+        identity = Path(path).read_bytes()
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        signer = RecordSigner(identity)
+        if signer.peer_id != peer_id_of(dht):  # our peer id derivation must be libp2p's, or no reader accepts us
+            raise SwarmError(f"the identity key hashes to {signer.peer_id}, but the DHT peer is {peer_id_of(dht)}")
+    except SwarmError:
+        dht.shutdown()
+        raise
+    return dht, signer
 
 
 # p2pd's errors reach us as "Daemon failed to start: 2026/01/02 03:04:05 <what went wrong>".
@@ -118,33 +188,45 @@ def peer_id_of(dht: hivemind.DHT) -> str:
 
 
 def _own_subkey(dht: hivemind.DHT) -> bytes:
+    """This peer's subkey: its peer id, then the RSASignatureValidator's owner marker (only it may write there)."""
     validator = next(v for v in dht._record_validator._validators if isinstance(v, RSASignatureValidator))
     return dht.peer_id.to_base58().encode() + validator.local_public_key
 
 
-def _peer_of_subkey(subkey: Any) -> str | None:
-    if not isinstance(subkey, bytes) or _OWNER_MARKER not in subkey:
-        return None
-    return subkey.split(_OWNER_MARKER, 1)[0].decode(errors="replace")
+def _entries(found: dict[Any, tuple[Any, float]], rejected: Rejections) -> list[RawEntry]:
+    """The entries of one key whose subkeys name a peer; the others are counted as rejected."""
+    entries = []
+    for subkey, (value, expiration) in found.items():
+        if not isinstance(subkey, bytes) or _OWNER_MARKER not in subkey:
+            rejected.add(repr(subkey), "the subkey has no owner")
+            continue
+        peer_id = subkey.split(_OWNER_MARKER, 1)[0].decode("ascii", errors="replace")
+        entries.append(RawEntry(peer_id, subkey, value, expiration))
+    return entries
 
 
 def declare_span(
     dht: hivemind.DHT,
+    signer: RecordSigner,
     dht_prefix: str,
     record: ServerRecord,
     model: ModelRecord,
     expiration: float,
     blocks: range | None = None,
 ) -> None:
-    """Store `record` under the block keys of `blocks` (default: its span), and the model in the index, in one DHT call."""
+    """Store `record` under the block keys of `blocks` (default: its span), and the model in the index, in one DHT call.
+
+    Each value is signed by this peer's identity for its key, subkey and expiration (swarm.records).
+    """
     subkey = _own_subkey(dht)
+    expires_at = get_dht_time() + expiration
     blocks = range(record.start, record.end) if blocks is None else blocks
+    fields = record.to_wire()
     keys = [block_key(dht_prefix, index) for index in blocks]
-    values: list[Any] = [record.to_wire()] * len(keys)
+    values = [signer.seal(key, subkey, expires_at, fields) for key in keys]
     keys.append(MODEL_INDEX_KEY)
-    values.append(model.to_wire())
-    subkeys = [subkey] * (len(keys) - 1) + [dht_prefix.encode() + subkey[len(dht.peer_id.to_base58()) :]]
-    call = functools.partial(_store_many, keys=keys, values=values, subkeys=subkeys, expiration=get_dht_time() + expiration)
+    values.append(signer.seal(MODEL_INDEX_KEY, subkey, expires_at, model.to_wire()))
+    call = functools.partial(_store_many, keys=keys, values=values, subkeys=[subkey] * len(keys), expiration=expires_at)
     dht.run_coroutine(call, return_future=True).result(DHT_CALL_TIMEOUT)
 
 
@@ -159,42 +241,32 @@ def fetch_block_records(dht: hivemind.DHT, dht_prefix: str, num_blocks: int) -> 
 
 
 def fetch_records_at(
-    dht: hivemind.DHT, dht_prefix: str, indices: range | list[int], rejected: dict[str, str] | None = None
+    dht: hivemind.DHT, dht_prefix: str, indices: range | list[int], rejected: Rejections | None = None
 ) -> dict[int, dict[str, ServerRecord]]:
-    """The valid records announced for the given blocks only, in one DHT call (`rejected`: see parse_block_entries)."""
+    """The valid records announced for the given blocks only, in one DHT call; invalid ones go to `rejected`."""
+    rejected = Rejections() if rejected is None else rejected
     keys = {index: block_key(dht_prefix, index) for index in indices}
     raw = dht.run_coroutine(functools.partial(_get_many, keys=list(keys.values())), return_future=True).result(DHT_CALL_TIMEOUT)
-    parsed: dict = {}
-    blocks = {}
-    for index, key in keys.items():
-        entries = {}
-        for subkey, value in raw.get(key, {}).items():
-            peer = _peer_of_subkey(subkey)
-            if peer is not None:
-                entries[peer] = value
-        blocks[index] = parse_block_entries(index, entries, parsed, rejected)
-    return blocks
+    parsed: dict[tuple[str, bytes], ServerRecord] = {}
+    return {
+        index: parse_block_entries(key, index, _entries(raw.get(key, {}), rejected), rejected, parsed)
+        for index, key in keys.items()
+    }
 
 
-def fetch_model_index(dht: hivemind.DHT) -> dict[str, ModelRecord]:
-    """The models the swarm serves, by DHT prefix, from the servers' entries in the model index."""
+def fetch_model_index(dht: hivemind.DHT, rejected: Rejections | None = None) -> dict[str, dict[str, ModelRecord]]:
+    """The signed entries of the model index as {dht_prefix: {peer_id: entry}}; invalid ones go to `rejected`."""
+    rejected = Rejections() if rejected is None else rejected
     raw = dht.run_coroutine(functools.partial(_get_many, keys=[MODEL_INDEX_KEY]), return_future=True).result(DHT_CALL_TIMEOUT)
-    models: dict[str, ModelRecord] = {}
-    for subkey, value in raw.get(MODEL_INDEX_KEY, {}).items():
-        prefix = _peer_of_subkey(subkey)  # the index's subkeys are the prefix followed by the owner's key
-        try:
-            if prefix:
-                models[prefix] = ModelRecord.from_wire(value)
-        except InvalidRecord:
-            logger.debug("ignoring an invalid model index entry for %r", prefix)
-    return models
+    return parse_model_index(_entries(raw.get(MODEL_INDEX_KEY, {}), rejected), rejected)
 
 
-async def _get_many(dht: hivemind.DHT, node: Any, *, keys: list) -> dict[str, dict[Any, Any]]:
+async def _get_many(dht: hivemind.DHT, node: Any, *, keys: list) -> dict[str, dict[Any, tuple[Any, float]]]:
+    """{key: {subkey: (value, expiration time)}}; a key that holds no dictionary counts as empty."""
     found = await node.get_many(keys, sufficient_expiration_time=float("inf"))  # latest values, as DHT.get(latest=True)
-    result: dict[str, dict[Any, Any]] = {}
+    result: dict[str, dict[Any, tuple[Any, float]]] = {}
     for key, item in found.items():
         if item is None or not isinstance(item.value, dict):
             continue
-        result[key] = {subkey: entry.value for subkey, entry in item.value.items()}
+        result[key] = {subkey: (entry.value, entry.expiration_time) for subkey, entry in item.value.items()}
     return result

@@ -5,6 +5,7 @@
     ├── InvalidRequest (ValueError)       a request that breaks the wire contract (shape, dtype, limits)
     │   ├── SpanNotServed                 (server side) the server does not hold the requested blocks
     │   └── LimitExceeded                 a request over one of the server's announced limits
+    ├── InvalidRecord (ValueError)        a DHT value that is malformed or not signed by the peer it names
     ├── RoutingError                      no chain of servers can serve the request
     │   └── MissingBlocksError            some blocks are served by nobody
     ├── RemoteError                       a server answered with an error
@@ -14,6 +15,7 @@
     ├── CacheNotPassed                    generate() ran a step without its session's cache (a transformers change)
     └── CacheFull                         the server's attention cache has no room for a session
 
+`InvalidRecord` never leaves a DHT read: readers drop and count such values (swarm/records.py).
 Servers raise `InvalidRequest` and `CacheFull` inside handlers; the handler edge turns them into an
 error reply for that caller only. Clients see a server's failure (and SpanNotServed, which means the
 route is stale) as `RemoteError` carrying its message, and their own mistakes as `InvalidRequest`.
@@ -40,6 +42,10 @@ class SpanNotServed(InvalidRequest):
 
 class LimitExceeded(InvalidRequest):
     """A request goes over one of a server's announced limits (the message names it and its value)."""
+
+
+class InvalidRecord(SwarmError, ValueError):
+    """A value read from the DHT that breaks the record schema or is not signed by the peer it names."""
 
 
 class RoutingError(SwarmError):

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from swarm.records import InvalidRecord, ModelRecord, ServerRecord, ServerState, parse_block_entries
+from swarm.records import InvalidRecord, ModelRecord, ServerRecord, ServerState
 
 
 def good_record(**changes) -> dict:  # noqa: ANN003
@@ -57,13 +57,11 @@ def test_missing_required_field_and_non_dict():
         ServerRecord.from_wire([1, 2, 3])
 
 
-def test_block_entries_drop_invalid_and_out_of_span_records():
-    entries = {"good": good_record(), "bad": good_record(throughput="fast"), "elsewhere": good_record(start=0, end=1)}
-    assert set(parse_block_entries(3, entries)) == {"good"}
-
-
 def test_model_record():
-    assert ModelRecord.from_wire(ModelRecord(num_blocks=30, model_type="llama").to_wire()).num_blocks == 30
-    for bad in ({"num_blocks": 0, "model_type": "llama"}, {"num_blocks": True, "model_type": "llama"}, "x"):
+    model = ModelRecord(dht_prefix="tiny-llama", num_blocks=30, model_type="llama")
+    assert ModelRecord.from_wire(model.to_wire()) == model
+    for changes in ({"num_blocks": 0}, {"num_blocks": True}, {"num_blocks": 10**9}, {"dht_prefix": ""}, {"model_type": 3}):
         with pytest.raises(InvalidRecord):
-            ModelRecord.from_wire(bad)
+            ModelRecord.from_wire(model.to_wire() | changes)
+    with pytest.raises(InvalidRecord):
+        ModelRecord.from_wire("x")

@@ -87,7 +87,7 @@ def create_app(
         state = await current(request)
         html = _TEMPLATES.get_template("page.html").render(
             models=state.models, age=int(time.time() - state.updated_at) if state.updated_at else "—",
-            refresh_seconds=int(refresh_period),
+            refresh_seconds=int(refresh_period), invalid_index_records=state.invalid_index_records,
         )
         return HTMLResponse(html)
 

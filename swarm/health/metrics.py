@@ -23,11 +23,13 @@ def prometheus_text(state: SwarmState) -> str:
         ("swarm_healthy", "1 if every block has an online server.", lambda m: int(m.healthy)),
         ("swarm_throughput_tokens_per_second", "Sum of online servers' forward throughput per block.",
          lambda m: sum(s.throughput for s in m.servers if s.state == "online")),
-        ("swarm_invalid_records", "Records that failed validation and were ignored.", lambda m: len(m.invalid_records)),
+        ("swarm_invalid_records", "Records that failed validation and were ignored.", lambda m: m.invalid_count),
     ]
     for name, help_text, value in gauges:
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
         lines += [f'{name}{{model="{_label(model.dht_prefix)}"}} {value(model)}' for model in state.models]
+    lines += ["# HELP swarm_invalid_index_records Model index entries that failed validation and were ignored.",
+              "# TYPE swarm_invalid_index_records gauge", f"swarm_invalid_index_records {state.invalid_index_records}"]
     lines += ["# HELP swarm_server_versions Servers by announced version.", "# TYPE swarm_server_versions gauge"]
     versions = Counter(server.version for model in state.models for server in model.servers)
     lines += [f'swarm_server_versions{{version="{_label(version)}"}} {count}' for version, count in sorted(versions.items())]

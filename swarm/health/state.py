@@ -9,7 +9,8 @@
         "healthy": bool,                   # every block has at least one online server
         "replicas": [int, ...],            # online servers per block
         "missing": [[start, end], ...],    # half-open ranges no online server holds
-        "invalid_records": {peer_id: reason},
+        "invalid_count": int,              # records dropped in this model's keys (failed checks or unsigned)
+        "invalid_records": {peer_id: reason},  # some of them (at most 32): the peer id each names, and why
         "servers": [{
           "peer_id": str, "public_name": str, "version": str, "state": "joining"|"online"|"offline",
           "start": int, "end": int, "throughput": float, "inference_rps": float,
@@ -17,8 +18,12 @@
           "reachability": "direct"|"relay", "next_pings": {peer_id: seconds},
           "probe_ms": float | null         # this monitor's info call round trip; null: no answer
         }, ...]
-      }, ...]
+      }, ...],
+      "invalid_index_records": int         # model index entries dropped before they could name a model
     }
+
+A model appears with the number of blocks that its own servers state (swarm.records.agreed_model),
+so an index entry from a peer that serves nothing of it can neither add blocks nor remove them.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import time
 
 from swarm.dht import DHT, fetch_model_index, fetch_records_at
 from swarm.transport import P2P, ping
-from swarm.records import ServerRecord, ServerState, block_ranges
+from swarm.records import Rejections, ServerRecord, ServerState, agreed_model, block_ranges
 
 
 PROBE_TIMEOUT = 3.0  # seconds an info call may take before the server counts as not answering
@@ -71,6 +76,7 @@ class ModelView:
     healthy: bool
     replicas: list[int]
     missing: list[tuple[int, int]]
+    invalid_count: int
     invalid_records: dict[str, str]
     servers: list[ServerView]
 
@@ -79,6 +85,7 @@ class ModelView:
 class SwarmState:
     updated_at: float
     models: list[ModelView]
+    invalid_index_records: int = 0
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -101,16 +108,25 @@ def _milliseconds(seconds: float | None) -> float | None:
 
 def collect_state(dht: DHT) -> SwarmState:
     """Read the model index and every model's block records (blocking: DHT round trips)."""
+    index_rejected = Rejections()
     models = []
-    for prefix, model in sorted(fetch_model_index(dht).items()):
-        rejected: dict[str, str] = {}
-        blocks = fetch_records_at(dht, prefix, range(model.num_blocks), rejected)
+    for prefix, claims in sorted(fetch_model_index(dht, index_rejected).items()):
+        rejected = Rejections()
+        # Claims are bounded (MAX_NUM_BLOCKS), so reading up to the largest one costs a bounded read.
+        blocks = fetch_records_at(dht, prefix, range(max(claim.num_blocks for claim in claims.values())), rejected)
         servers: dict[str, ServerRecord] = {}
         for records in blocks.values():
             for peer, record in records.items():
                 servers.setdefault(peer, record)
+        model = agreed_model(claims, servers, rejected)
+        if model is None:
+            index_rejected.count += rejected.count
+            continue
+        blocks = {index: blocks[index] for index in range(model.num_blocks)}
+        servers = {peer: record for peer, record in servers.items() if record.end <= model.num_blocks}
         replicas = [sum(r.state == ServerState.ONLINE for r in blocks[i].values()) for i in range(model.num_blocks)]
         missing = block_ranges([index for index, count in enumerate(replicas) if count == 0])
         views = sorted((ServerView.of(peer, record) for peer, record in servers.items()), key=lambda v: (v.start, v.peer_id))
-        models.append(ModelView(prefix, model.model_type, model.num_blocks, not missing, replicas, missing, rejected, views))
-    return SwarmState(time.time(), models)
+        models.append(ModelView(prefix, model.model_type, model.num_blocks, not missing, replicas, missing,
+                                rejected.count, rejected.reasons, views))
+    return SwarmState(time.time(), models, index_rejected.count)
