@@ -4,7 +4,8 @@ forward sends the hidden states through the swarm with the servers keeping activ
 walks the same hops in reverse and returns the gradients of the hidden states and of every adapter
 tensor (LoRA weights, deep prompts), which the client's optimizer then updates. Where the swarm
 holds every block more than once, the batch is split into that many parts that travel in
-parallel, each on a route drawn by throughput and load; their adapter gradients are summed.
+parallel, each on a route drawn by throughput and load; their adapter gradients are summed. A batch
+larger than the servers' per-request token limit is split into parts that fit it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from swarm.client.adapters import RequestAdapter
 from swarm.client.event_loop import run_sync
-from swarm.client.remote_calls import backward_async, forward_async
+from swarm.client.remote_calls import backward_async, batch_parts, forward_async
 from swarm.client.swarm_client import SwarmClient
 
 
@@ -24,8 +25,7 @@ class RemoteBlocks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, client: SwarmClient, adapter: RequestAdapter | None, hidden_states: torch.Tensor, *adapter_tensors: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
         seed = random.getrandbits(62)
-        parts = run_sync(client.parallel_routes(hidden_states.shape[0]))
-        chunks = hidden_states.detach().tensor_split(parts)
+        chunks = run_sync(batch_parts(client, hidden_states.detach(), spread=True))
 
         async def run_all() -> list:
             return await asyncio.gather(*(

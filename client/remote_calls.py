@@ -17,7 +17,7 @@ from typing import Protocol, TypeVar
 import torch
 from google.protobuf.message import Message
 
-from swarm.errors import PeerTimeout, RemoteError
+from swarm.errors import InvalidRequest, PeerTimeout, RemoteError
 from swarm.limits import STEP_TIMEOUT
 from swarm.transport import open_stream, raise_for_error, translate_errors
 from swarm.wire import swarm_rpc_pb2 as pb
@@ -50,6 +50,25 @@ class Gradients:
     inputs: torch.Tensor
     lora: dict[str, torch.Tensor]  # by wire name
     deep_prompts: dict[int, torch.Tensor]  # by the first block of each hop: (hop blocks, length, hidden)
+
+
+async def batch_parts(client: SwarmClient, hidden_states: torch.Tensor, spread: bool) -> tuple[torch.Tensor, ...]:
+    """Split a batch (batch, seq, hidden) along the batch so that every part fits every server's
+    per-request token limit; with `spread`, also into as many parts as the swarm has replicas.
+
+    A single sequence longer than the limit cannot be split (attention needs it whole): InvalidRequest.
+    """
+    batch, seq_len, _ = hidden_states.shape
+    limit = await client.request_token_limit()
+    if seq_len > limit:
+        raise InvalidRequest(
+            f"a sequence of {seq_len} tokens exceeds the servers' per-request limit of {limit} tokens "
+            "(max_tokens_per_request); shorten it, or use an inference session, which sends it in steps"
+        )
+    parts = -(-batch // (limit // seq_len))
+    if spread:
+        parts = max(parts, await client.parallel_routes(batch))
+    return hidden_states.tensor_split(parts)
 
 
 async def forward_async(

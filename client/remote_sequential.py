@@ -30,7 +30,7 @@ from swarm.client.adapters import RequestAdapter
 from swarm.client.event_loop import run_sync
 from swarm.client.inference_session import InferenceSession
 from swarm.client.remote_autograd import remote_blocks
-from swarm.client.remote_calls import forward_async
+from swarm.client.remote_calls import batch_parts, forward_async
 from swarm.client.swarm_client import SwarmClient
 
 
@@ -109,5 +109,11 @@ class RemoteSequential(nn.Module):
         tensors = adapter.tensors() if adapter is not None else []
         if torch.is_grad_enabled() and (hidden_states.requires_grad or any(t.requires_grad for t in tensors)):
             return remote_blocks(self.client, adapter, hidden_states)
-        output, _ = run_sync(forward_async(self.client, hidden_states.detach(), 0, self.client.num_blocks, adapter))
+        output = run_sync(self._forward_in_parts(hidden_states.detach(), adapter))
         return output.to(hidden_states.dtype)
+
+    async def _forward_in_parts(self, hidden_states: torch.Tensor, adapter: RequestAdapter | None) -> torch.Tensor:
+        """A plain forward, in as many requests as the servers' per-request token limit needs."""
+        parts = await batch_parts(self.client, hidden_states, spread=False)
+        outputs = [(await forward_async(self.client, part, 0, self.client.num_blocks, adapter))[0] for part in parts]
+        return torch.cat(outputs)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from swarm import dht as swarm_dht
 from swarm.errors import MissingBlocksError
-from swarm.limits import ROUTE_WAIT
+from swarm.limits import DEFAULT_MAX_TOKENS_PER_REQUEST, ROUTE_WAIT
 from swarm.records import ServerRecord
 from swarm.transport import P2P, ping
 from swarm.client.event_loop import run_sync
@@ -108,6 +108,16 @@ class SwarmClient:
         blocks = await self.fetch_blocks()
         replicas = min((sum(servers.usable(peer, record) for peer, record in records.items()) for records in blocks), default=1)
         return max(1, min(batch_size, replicas))
+
+    async def request_token_limit(self) -> int:
+        """The fewest tokens (batch x sequence) that any usable server takes in one forward or backward:
+        a batch is split so that each part fits every server it may be routed to."""
+        servers = self.server_filter()
+        limits = [
+            record.max_tokens_per_request or DEFAULT_MAX_TOKENS_PER_REQUEST
+            for records in await self.fetch_blocks() for peer, record in records.items() if servers.usable(peer, record)
+        ]
+        return min(limits, default=DEFAULT_MAX_TOKENS_PER_REQUEST)
 
     async def _route_when_covered(self, plan, kind: str) -> list[RouteHop]:  # noqa: ANN001
         deadline = time.monotonic() + self.route_wait

@@ -11,7 +11,8 @@ import dataclasses
 import functools
 import time
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import torch
 from transformers import DynamicCache
@@ -32,6 +33,8 @@ from swarm.server.scheduler import TaskKind
 from swarm.server.span_runner import SpanRunner
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RequestLimits:
@@ -104,7 +107,7 @@ class SpanHandlers:
         runner = self.runner
         start, end = self._check_span(request.span, runner)
         response_codec = check_codec(request.response_codec)
-        hidden = self._check_hidden(request.hidden_states)
+        hidden = await self._check_hidden(request.hidden_states)
         adapter = parse_adapter(request.adapter, runner, start, end, self.limits.max_lora_rank)
         peer, cost = _caller(context), _cost(hidden, start, end)
         if request.forward_id:
@@ -118,7 +121,7 @@ class SpanHandlers:
             compute = functools.partial(_run_frozen, runner, hidden, start, end, adapter)
             output = await self.worker.submit(TaskKind.FORWARD, peer, cost, compute)
         self.served.forwards += 1
-        return pb.ForwardResponse(hidden_states=encode(output, response_codec))
+        return pb.ForwardResponse(hidden_states=await _off_loop_if_large(output.numel(), encode, output, response_codec))
 
     async def rpc_backward(self, frames: AsyncIterator[pb.Frame], context: object) -> AsyncIterator[pb.Frame]:
         """Gradients of a span's inputs and of the caller's adapter, from its kept forward or a recompute."""
@@ -138,8 +141,8 @@ class SpanHandlers:
         runner = self.runner
         start, end = self._check_span(request.span, runner)
         response_codec = check_codec(request.response_codec)
-        hidden = self._check_hidden(request.hidden_states)
-        grad_outputs = self._check_hidden(request.grad_outputs, "gradients")
+        hidden = await self._check_hidden(request.hidden_states)
+        grad_outputs = await self._check_hidden(request.grad_outputs, "gradients")
         if grad_outputs.shape != hidden.shape:
             raise InvalidRequest(f"gradients of shape {tuple(grad_outputs.shape)} do not match the inputs' {tuple(hidden.shape)}")
         kept = self.activations.pop((_caller(context), request.forward_id)) if request.forward_id else None
@@ -154,7 +157,7 @@ class SpanHandlers:
         )
         logger.debug("backward compute for blocks %d:%d took %.3f s", start, end, time.perf_counter() - began)
         response = pb.BackwardResponse(
-            grad_inputs=encode(grad_inputs, response_codec),
+            grad_inputs=await _off_loop_if_large(grad_inputs.numel(), encode, grad_inputs, response_codec),
             lora_grads=[pb.NamedTensor(name=name, tensor=encode(grad)) for name, grad in lora_grads.items()],
         )
         if prompt_grads is not None:
@@ -227,7 +230,7 @@ class SpanHandlers:
             if request.WhichOneof("request") != "step":
                 raise InvalidRequest("expected an inference step")
             step = request.step
-            hidden = self._check_hidden(step.hidden_states)
+            hidden = await self._check_hidden(step.hidden_states)
             if hidden.shape[0] != opening.batch_size:
                 raise InvalidRequest(f"step has batch {hidden.shape[0]}, the session was opened with {opening.batch_size}")
             if step.position > position:
@@ -242,7 +245,8 @@ class SpanHandlers:
             compute = functools.partial(_run_frozen, runner, hidden, start, end, adapter, position, cache)
             output = await self.worker.submit(TaskKind.INFERENCE, peer, _cost(hidden, start, end), compute)
             position += hidden.shape[1]
-            result = pb.StepResult(hidden_states=encode(output, response_codec), position=position, step_id=step.step_id)
+            encoded = await _off_loop_if_large(output.numel(), encode, output, response_codec)
+            result = pb.StepResult(hidden_states=encoded, position=position, step_id=step.step_id)
             self.served.inference_steps += 1
             for frame in to_frames(pb.InferenceResponse(step=result)):
                 yield frame
@@ -277,7 +281,7 @@ class SpanHandlers:
             )
         return span.start, span.end
 
-    def _check_hidden(self, message: pb.Tensor, what: str = "hidden states") -> torch.Tensor:
+    async def _check_hidden(self, message: pb.Tensor, what: str = "hidden states") -> torch.Tensor:
         """Hidden states or their gradients (batch, seq, hidden) within this server's limits, finite.
 
         The declared shape is checked before anything is decoded, so a tensor over the limits costs
@@ -293,7 +297,7 @@ class SpanHandlers:
             raise InvalidRequest(f"batch {batch} exceeds the limit {self.limits.max_batch_size}")
         if batch * seq_len > self.limits.max_tokens_per_request:
             raise InvalidRequest(f"{batch * seq_len} tokens in one request exceed the limit {self.limits.max_tokens_per_request}")
-        hidden = decode(message)
+        hidden = await _off_loop_if_large(batch * seq_len * self.hidden_size, decode, message)
         if not torch.isfinite(hidden).all():
             raise InvalidRequest(f"{what} contain NaN or Inf")
         return hidden
@@ -311,6 +315,18 @@ def _run_frozen(
     """Blocks [start, end) without autograd, with the caller's adapter if any."""
     with torch.inference_mode(), applied(runner, adapter, start, position=position):
         return runner(hidden, start, end, position=position, cache=cache)
+
+
+# Tensors of at least this many values are decoded and encoded on a worker thread: an int8 prefill of
+# 8192 tokens x 576 takes tens of ms, which would stall every other peer's stream on the event loop,
+# while a decode step's few hundred values cost less than the hop to a thread.
+OFF_LOOP_ELEMENTS = 1 << 16
+
+
+async def _off_loop_if_large(elements: int, function: Callable[..., T], *args: Any) -> T:
+    if elements < OFF_LOOP_ELEMENTS:
+        return function(*args)
+    return await asyncio.to_thread(function, *args)
 
 
 def _cost(hidden: torch.Tensor, start: int, end: int) -> float:

@@ -81,6 +81,7 @@ class Server:
                 end=end,
                 throughput=throughput.forward_tps,
                 inference_rps=throughput.inference_rps,
+                max_tokens_per_request=cfg.max_tokens_per_request,
                 torch_dtype=str(self.dtype).removeprefix("torch."),
                 quant_type=cfg.quant_type,
                 codecs=CODECS,

@@ -231,6 +231,7 @@ class ServerRecord:
     throughput: float = 0.0  # forward tokens/s through one block (batched); 0 = not measured
     inference_rps: float = 0.0  # single-token decode steps/s through one block; 0 = not measured
     cache_tokens_left: int = 0  # attention-cache room, in tokens of one sequence
+    max_tokens_per_request: int = 0  # batch x tokens one request may carry; 0 = not announced (the default)
     torch_dtype: str = "float32"
     quant_type: str = "none"
     codecs: tuple[str, ...] = ("none",)
@@ -244,7 +245,7 @@ class ServerRecord:
     def __post_init__(self) -> None:
         if not (0 <= self.start < self.end <= MAX_NUM_BLOCKS):
             raise InvalidRecord(f"impossible span {self.start}:{self.end}")
-        if self.throughput < 0 or self.inference_rps < 0 or self.cache_tokens_left < 0:
+        if self.throughput < 0 or self.inference_rps < 0 or self.cache_tokens_left < 0 or self.max_tokens_per_request < 0:
             raise InvalidRecord("negative throughput or cache size")
 
     def to_wire(self) -> dict[str, Any]:
@@ -281,6 +282,7 @@ _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "throughput": (int, float),
     "inference_rps": (int, float),
     "cache_tokens_left": int,
+    "max_tokens_per_request": int,
     "torch_dtype": str,
     "quant_type": str,
     "codecs": (list, tuple),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen3Config
 
 from swarm import AutoDistributedModelForCausalLM
 from swarm.client.event_loop import run_sync
@@ -21,6 +21,11 @@ TINY_CONFIGS = {
     "llama": lambda: LlamaConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=211, max_position_embeddings=512, tie_word_embeddings=False,
+    ),
+    # A sliding window of 4 tokens, so that every test of a session crosses it (and rolls back past it).
+    "mistral": lambda: MistralConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=211, max_position_embeddings=512, sliding_window=4, tie_word_embeddings=False,
     ),
     "qwen3": lambda: Qwen3Config(
         hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,

@@ -10,9 +10,10 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from peft import LoraConfig
 from swarm.client.reply_checks import decode_named_replies, decode_reply
 from swarm.client.retry import BanList, RetryPolicy
-from swarm.errors import RemoteError
+from swarm.errors import InvalidRequest, RemoteError
 from swarm.wire import swarm_rpc_pb2 as pb
 from swarm.wire.codecs import encode
 from tests.conftest import local_and_remote, served_counts
@@ -151,3 +152,25 @@ def test_a_liar_stays_banned_whatever_happens(clock):
     clock.now += 10_000
     assert bans.banned() == {"liar"}
     assert bans.release_oldest({"liar"}) is None
+
+
+@pytest.mark.timeout(240)
+def test_a_batch_over_the_servers_limit_is_sent_in_parts(limited_swarm):
+    local, remote = limited_swarm
+    ids = torch.randint(3, 211, (5, 7), generator=torch.Generator().manual_seed(5))  # 35 tokens > 16: parts of 2 rows
+    before = served_counts(remote)
+    with torch.no_grad():
+        torch.testing.assert_close(remote(ids).logits, local(ids).logits, atol=1e-4, rtol=0)
+    after = served_counts(remote)
+    assert all(after[peer].forwards - before[peer].forwards == 3 for peer in after), (before, after)
+
+    remote.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]), adapter_name="parts")
+    try:
+        remote(ids, labels=ids).loss.backward()  # training splits the same way (forward and backward)
+        grads = [p.grad for p in remote.parameters() if p.requires_grad]
+        assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    finally:
+        remote.disable_adapters()
+
+    with pytest.raises(InvalidRequest, match="a sequence of 20 tokens exceeds the servers' per-request limit of 16 tokens"):
+        remote(torch.randint(3, 211, (1, 20)))

@@ -39,6 +39,20 @@ def test_logits_and_generation_match_local(family_swarm):
     assert torch.equal(produced, expected)
 
 
+def test_rollback_to_a_diverging_prefix_matches_local(family_swarm):
+    """A second prompt that shares only 3 tokens with the first rolls the servers' caches back (past
+    Mistral's 4-token sliding window too): the tokens equal a fresh local generation, no server is banned."""
+    local, remote = family_swarm
+    first = torch.randint(3, 211, (1, 10), generator=torch.Generator().manual_seed(8))
+    second = torch.cat([first[:, :3], torch.randint(3, 211, (1, 4), generator=torch.Generator().manual_seed(9))], dim=1)
+    with remote.inference_session(max_length=64) as session:
+        remote.generate(first, max_new_tokens=6, do_sample=False, eos_token_id=None)
+        produced = remote.generate(second, max_new_tokens=6, do_sample=False, eos_token_id=None)
+        assert session.position == second.shape[1] + 6 - 1
+    assert torch.equal(produced, local.generate(second, max_new_tokens=6, do_sample=False, eos_token_id=None))
+    assert not remote.swarm_client.bans.banned()
+
+
 def test_session_reused_across_generate_calls(family_swarm):
     local, remote = family_swarm
     input_ids = torch.randint(3, 211, (1, 6), generator=torch.Generator().manual_seed(3))
