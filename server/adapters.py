@@ -35,6 +35,9 @@ class ParsedAdapter:
     lora_names: dict[tuple[int, str, str], str]  # (block, path, "lora_A"/"lora_B") -> wire name
     deep_prompts: torch.Tensor | None
 
+    def nbytes(self) -> int:
+        return sum(tensor.numel() * tensor.element_size() for tensor in self.tensors())
+
     def tensors(self) -> list[torch.Tensor]:
         found = [tensor for pair in self.lora.values() for tensor in pair]
         return found + ([self.deep_prompts] if self.deep_prompts is not None else [])

@@ -1,7 +1,11 @@
-"""The attention-cache budget: how many tokens of KV cache all open sessions may hold together.
+"""The attention-cache budget, in bytes: everything that all open sessions hold together.
 
-A session reserves `batch_size * max_length` tokens when it opens and gives them back when it
-closes. An open that does not fit waits a bounded time for room, then is refused with CacheFull.
+A session reserves, when it opens, the keys and values of `batch_size * max_length` tokens over its
+blocks (bytes per token from the model's shape and dtype, `SpanRunner.kv_bytes_per_token`) plus
+the adapter tensors it keeps for its lifetime, and gives them back when it closes. An open that
+does not fit waits a bounded time for room, then is refused with CacheFull naming the sizes.
+The operator sizes it in tokens of the whole span (`--attn-cache-tokens`), which is what servers
+announce; the bytes are what is enforced, so a session with a large adapter costs what it holds.
 """
 
 from __future__ import annotations
@@ -14,33 +18,38 @@ from swarm.errors import CacheFull
 
 
 class CacheBudget:
-    def __init__(self, max_tokens: int):
-        self.max_tokens = max_tokens
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
         self._reserved = 0
         self._changed: asyncio.Condition | None = None  # made lazily, inside the server's event loop
 
     @property
-    def tokens_left(self) -> int:
-        return self.max_tokens - self._reserved
+    def bytes_left(self) -> int:
+        return self.max_bytes - self._reserved
 
     @contextlib.asynccontextmanager
-    async def reserve(self, tokens: int, timeout: float) -> AsyncIterator[None]:
-        """Hold `tokens` of cache for the duration of the block; wait up to `timeout` s for room."""
-        if tokens > self.max_tokens:
-            raise CacheFull(f"a session of {tokens} tokens exceeds this server's whole cache of {self.max_tokens} tokens")
+    async def reserve(self, nbytes: int, timeout: float, what: str) -> AsyncIterator[None]:
+        """Hold `nbytes` (described by `what`) for the duration of the block; wait up to `timeout` s for room."""
+        if nbytes > self.max_bytes:
+            raise CacheFull(f"{what} needs {_mib(nbytes)}, more than this server's whole cache of {_mib(self.max_bytes)}")
         if self._changed is None:
             self._changed = asyncio.Condition()
         async with self._changed:
             try:
-                await asyncio.wait_for(self._changed.wait_for(lambda: self.tokens_left >= tokens), timeout)
+                await asyncio.wait_for(self._changed.wait_for(lambda: self.bytes_left >= nbytes), timeout)
             except TimeoutError:
                 raise CacheFull(
-                    f"no cache room for {tokens} tokens within {timeout:.0f} s ({self.tokens_left} of {self.max_tokens} left)"
+                    f"no cache room for {what} ({_mib(nbytes)}) within {timeout:.0f} s "
+                    f"({_mib(self.bytes_left)} of {_mib(self.max_bytes)} left)"
                 ) from None
-            self._reserved += tokens
+            self._reserved += nbytes
         try:
             yield
         finally:
             async with self._changed:
-                self._reserved -= tokens
+                self._reserved -= nbytes
                 self._changed.notify_all()
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.2f} MiB"

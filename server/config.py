@@ -51,7 +51,7 @@ class ServerConfig:
     quant_type: str = _field("none", "quantize the blocks' linear weights with bitsandbytes", choices=QUANT_TYPES)
     device: str = _field("auto", "torch device for the blocks: cpu, cuda, cuda:1, ...; auto = cuda if available")
     num_threads: int | None = _field(None, "torch threads for compute (default: torch's choice)")
-    attn_cache_tokens: int = _field(16384, "attention-cache budget, in tokens (batch x length) over all open sessions")
+    attn_cache_tokens: int = _field(16384, "attention-cache budget, in tokens (batch x length) of sessions over all served blocks; enforced in bytes, adapters included")
     max_batch_size: int = _field(DEFAULT_MAX_BATCH_SIZE, "largest batch accepted in one request")
     max_tokens_per_request: int = _field(DEFAULT_MAX_TOKENS_PER_REQUEST, "most tokens (batch x new tokens) in one request")
     max_session_length: int = _field(DEFAULT_MAX_SESSION_LENGTH, "longest sequence an inference session may reach")

@@ -79,6 +79,11 @@ class SpanHandlers:
         self._lora_bytes_per_block = sum(m.in_features + m.out_features for m in linears) * limits.max_lora_rank * WIDEST_WIRE_BYTES
         self.served = pb.RequestCounts()  # completed requests by kind, reported by `info`
 
+    def cache_tokens_left(self) -> int:
+        """Room left in the attention cache, in tokens of one sequence over all of this server's blocks."""
+        runner = self.runner
+        return max(0, self.budget.bytes_left) // runner.kv_bytes_per_token(runner.start, runner.end)
+
     async def register(self, p2p: P2P) -> None:
         await p2p.add_protobuf_handler(RPC_INFO, self.rpc_info, pb.InfoRequest)
         await p2p.add_protobuf_handler(RPC_FORWARD, self.rpc_forward, pb.Frame, stream_input=True, stream_output=True)
@@ -88,7 +93,7 @@ class SpanHandlers:
     async def rpc_info(self, request: pb.InfoRequest, context: object) -> pb.InfoResponse:
         info = pb.InfoResponse()
         info.CopyFrom(self.info)
-        info.cache_tokens_left = self.budget.tokens_left
+        info.cache_tokens_left = self.cache_tokens_left()
         info.served.CopyFrom(self.served)
         return info
 
@@ -189,7 +194,10 @@ class SpanHandlers:
         if not 0 < opening.max_length <= self.limits.max_session_length:
             raise InvalidRequest(f"max_length {opening.max_length} is outside 1..{self.limits.max_session_length}")
         adapter = parse_adapter(opening.adapter, runner, start, end, self.limits.max_lora_rank)
-        async with self.budget.reserve(opening.batch_size * opening.max_length, CACHE_WAIT_TIMEOUT):
+        tokens = opening.batch_size * opening.max_length
+        nbytes = tokens * runner.kv_bytes_per_token(start, end) + (adapter.nbytes() if adapter is not None else 0)
+        what = f"a session of {tokens} tokens" + (" and its adapter" if adapter is not None else "")
+        async with self.budget.reserve(nbytes, CACHE_WAIT_TIMEOUT, what):
             yield single_frame(pb.InferenceResponse(opened=pb.SessionOpened(
                 max_length=opening.max_length, max_tokens_per_request=self.limits.max_tokens_per_request)))
             self.served.sessions_opened += 1

@@ -161,7 +161,7 @@ class Server:
             loop.add_signal_handler(sig, stop.set)
         worker = ComputeWorker()
         worker.start()
-        budget = CacheBudget(cfg.attn_cache_tokens)
+        budget = CacheBudget(cfg.attn_cache_tokens * self.runner.kv_bytes_per_token(self.runner.start, self.runner.end))
         limits = RequestLimits(
             max_batch_size=cfg.max_batch_size,
             max_tokens_per_request=cfg.max_tokens_per_request,
@@ -192,7 +192,7 @@ class Server:
         )
         p2p = await self.dht.replicate_p2p()
         await handlers.register(p2p)
-        self.announcer.cache_tokens_left = lambda: budget.tokens_left
+        self.announcer.cache_tokens_left = handlers.cache_tokens_left
         await loop.run_in_executor(None, self.announcer.announce, ServerState.ONLINE)
         if cfg.new_swarm:
             maddrs = " ".join(swarm_dht.visible_maddrs(self.dht))

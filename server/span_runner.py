@@ -33,6 +33,14 @@ class SpanRunner(nn.Module):
         self.attention_kinds = family.attention_kinds(config)
         self.layer_cache_argument = cache_argument(type(layers[0]).forward)
 
+    def kv_bytes_per_token(self, start: int, end: int) -> int:
+        """Bytes of keys and values that one token of one sequence takes in a session over blocks [start, end)."""
+        config = self.config
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        itemsize = self.layers[0].input_layernorm.weight.element_size()  # the cache holds the compute dtype
+        return 2 * kv_heads * head_dim * itemsize * (end - start)
+
     def forward(
         self,
         hidden_states: torch.Tensor,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -41,6 +42,7 @@ HIDDEN = 64  # the tiny llama's hidden size
 NUM_BLOCKS = 6
 RAW = WireCodecs("none", "none")  # exact values on the wire, so results compare with local ones
 CACHE_TOKENS = 300
+KV_BYTES_PER_TOKEN = 2 * 2 * 16 * 4 * 3  # keys and values x kv heads x head_dim x float32 x blocks 0:3
 SERVER_FLAGS = ("--num-threads", "1", "--max-batch-size", "4", "--max-tokens-per-request", "64",
                 "--max-session-length", "128", "--max-lora-rank", "4", "--attn-cache-tokens", str(CACHE_TOKENS))
 REPLY_TIMEOUT = 30.0  # seconds: every error reply below must come well within this
@@ -373,7 +375,9 @@ def test_cache_budget_refuses_in_bounded_time_then_frees(served, bystander):
 
     began = time.monotonic()
     error = bad_open(served, 128, 4)
-    assert isinstance(error, CacheFull) and f"a session of 512 tokens exceeds this server's whole cache of {CACHE_TOKENS} tokens" in str(error)
+    whole = f"{CACHE_TOKENS * KV_BYTES_PER_TOKEN / 2**20:.2f} MiB"
+    assert isinstance(error, CacheFull) and f"a session of 512 tokens needs {512 * KV_BYTES_PER_TOKEN / 2**20:.2f} MiB, " \
+        f"more than this server's whole cache of {whole}" in str(error), repr(error)
     assert time.monotonic() - began < 5  # refused at once: it could never fit
 
     holder = SpanSession(client.p2p, peer, 0, 3, 100, 2, RAW)
@@ -382,7 +386,8 @@ def test_cache_budget_refuses_in_bounded_time_then_frees(served, bystander):
     error = bad_open(served, 100, 1)
     waited = time.monotonic() - began
     assert isinstance(error, CacheFull), repr(error)
-    assert f"no cache room for 100 tokens within {CACHE_WAIT_TIMEOUT:.0f} s ({left - 200} of {CACHE_TOKENS} left)" in str(error)
+    assert f"no cache room for a session of 100 tokens ({100 * KV_BYTES_PER_TOKEN / 2**20:.2f} MiB) within " \
+        f"{CACHE_WAIT_TIMEOUT:.0f} s ({(left - 200) * KV_BYTES_PER_TOKEN / 2**20:.2f} MiB of {whole} left)" in str(error), repr(error)
     assert CACHE_WAIT_TIMEOUT - 0.5 < waited < CACHE_WAIT_TIMEOUT + 5, waited
 
     async def open_while_holder_closes() -> SpanSession:
@@ -400,6 +405,20 @@ def test_cache_budget_refuses_in_bounded_time_then_frees(served, bystander):
     run_sync(waiting.close())
     assert cache_tokens_left(served) == left  # every refused or closed session gave its tokens back
     assert_still_serving(served)
+
+
+def test_a_sessions_adapter_counts_in_the_cache_budget(served, bystander):
+    """The cache budget is in bytes and covers what a session holds: its adapter costs room too."""
+    left = cache_tokens_left(served)
+    plain = SpanSession(served.client.p2p, served.peer, 0, 3, 10, 1, RAW)
+    run_sync(plain.open())
+    assert cache_tokens_left(served) == left - 10
+    run_sync(plain.close())
+    adapted = SpanSession(served.client.p2p, served.peer, 0, 3, 10, 1, RAW, lora())  # rank 2 on one q_proj: 1 KiB
+    run_sync(adapted.open())
+    assert cache_tokens_left(served) == left - math.ceil((10 * KV_BYTES_PER_TOKEN + 2 * 2 * HIDDEN * 4) / KV_BYTES_PER_TOKEN)
+    run_sync(adapted.close())
+    assert cache_tokens_left(served) == left
 
 
 # ---- backward ----------------------------------------------------------------------------------
