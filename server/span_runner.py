@@ -32,13 +32,15 @@ class SpanRunner(nn.Module):
         self.rotary = family.rotary_class(config)(config=config)
         self.attention_kinds = family.attention_kinds(config)
         self.layer_cache_argument = cache_argument(type(layers[0]).forward)
+        norm_weight: torch.Tensor = layers[0].input_layernorm.weight  # type: ignore[union-attr, assignment]
+        self.compute_dtype = norm_weight.dtype  # of hidden states and the KV cache (weights may be quantized)
 
     def kv_bytes_per_token(self, start: int, end: int) -> int:
         """Bytes of keys and values that one token of one sequence takes in a session over blocks [start, end)."""
         config = self.config
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        itemsize = self.layers[0].input_layernorm.weight.element_size()  # the cache holds the compute dtype
+        itemsize = torch.empty((), dtype=self.compute_dtype).element_size()
         return 2 * kv_heads * head_dim * itemsize * (end - start)
 
     def forward(
@@ -55,8 +57,7 @@ class SpanRunner(nn.Module):
         if needed); without one, `position` must be 0 and the sequence is processed whole.
         Autograd follows the caller's mode: handlers run inference under torch.inference_mode().
         """
-        dtype = self.layers[0].input_layernorm.weight.dtype
-        hidden_states = hidden_states.to(dtype)
+        hidden_states = hidden_states.to(self.compute_dtype)
         seq_len = hidden_states.shape[1]
         position_ids = torch.arange(position, position + seq_len, device=hidden_states.device)[None]
         position_embeddings = self.rotary(hidden_states, position_ids)

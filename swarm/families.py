@@ -27,7 +27,8 @@ class ModelFamily:
     layer_key_prefix: str = "model.layers."  # checkpoint keys of block i start with f"{prefix}{i}."
 
     def causal_lm_class(self, config: PretrainedConfig) -> type[PreTrainedModel]:
-        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        model_class: type[PreTrainedModel] = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # type: ignore[assignment]
+        return model_class
 
     def layer_class(self, config: PretrainedConfig) -> type[nn.Module]:
         return getattr(self._modeling_module(config), self._layer_class_name(config))
@@ -45,7 +46,10 @@ class ModelFamily:
         return [SLIDING_ATTENTION if sliding else FULL_ATTENTION] * config.num_hidden_layers
 
     def _layer_class_name(self, config: PretrainedConfig) -> str:
-        return self.causal_lm_class(config)._no_split_modules[0]
+        names = self.causal_lm_class(config)._no_split_modules
+        if not names:
+            raise ConfigError(f"{self.causal_lm_class(config).__name__} does not name its decoder layer class")
+        return sorted(names)[0] if isinstance(names, set) else names[0]
 
     def _modeling_module(self, config: PretrainedConfig):  # noqa: ANN202 (a module)
         return importlib.import_module(self.causal_lm_class(config).__module__)

@@ -54,3 +54,12 @@ def test_generated_proto_matches_source(tmp_path):
         for generated in tmp_path.glob(f"{proto.stem}_pb2*"):
             checked_in = ROOT / "swarm" / "wire" / generated.name
             assert checked_in.read_text() == generated.read_text(), f"{checked_in} drifted from {proto}: run scripts/gen_proto.sh"
+
+
+def test_the_core_type_checks():
+    """mypy on swarm/, the core both sides share (STYLE.md 18)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--ignore-missing-imports", "--no-error-summary", str(ROOT / "swarm")],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
