@@ -9,7 +9,9 @@ the checkpoint; the decoder layers are one `RemoteSequential`. Everything else, 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 from collections.abc import Iterator
@@ -43,32 +45,48 @@ from swarm.client.swarm_client import SwarmClient
 
 logger = logging.getLogger(__name__)
 
+# Each thread's (or asyncio task's) open inference sessions, by id of the model they belong to: a
+# context variable, not a model attribute, so that concurrent callers of one model never share one.
+_active_sessions: contextvars.ContextVar[dict[int, InferenceSession]] = contextvars.ContextVar("swarm_sessions", default={})
+
 
 class DistributedCausalLMMixin:
     """What a distributed model adds to its transformers class: sessions and session-aware generate()."""
 
     swarm_client: SwarmClient
     transformers_class: type[PreTrainedModel]  # the family's own class, which the mixin sits in front of
-    _active_session: InferenceSession | None = None
 
     @contextlib.contextmanager
     def inference_session(self, max_length: int, batch_size: int = 1) -> Iterator[InferenceSession]:
-        """Keep one server-side session (and its KV cache) across several generate() calls."""
+        """Keep one server-side session (and its KV cache) across several generate() calls.
+
+        The session belongs to the calling thread (or asyncio task): generate() calls made
+        elsewhere on the same model meanwhile get sessions of their own.
+        """
         if self._active_session is not None:
-            raise InvalidRequest("an inference session is already active on this model")
+            raise InvalidRequest("an inference session is already active on this model in this thread")
         session = InferenceSession(self.swarm_client, max_length=max_length + self.pre_seq_len, batch_size=batch_size,
                                    adapter=self.request_adapter()).open()
-        self._active_session = session
+        token = _active_sessions.set({**_active_sessions.get(), id(self): session})
         try:
             yield session
         finally:
-            self._active_session = None
+            _active_sessions.reset(token)
             session.close()
 
     @property
+    def _active_session(self) -> InferenceSession | None:
+        return _active_sessions.get().get(id(self))
+
+    @property
     def route(self) -> list[RouteHop]:
-        """The route of the active inference session (empty without one)."""
+        """The route of this thread's active inference session (empty without one)."""
         return self._active_session.route if self._active_session is not None else []
+
+    async def agenerate(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        """generate() for asyncio code: runs on a worker thread (with the caller's context, so an
+        inference session opened in this task is used), leaving the event loop free."""
+        return await asyncio.to_thread(self.generate, *args, **kwargs)
 
     def generate(self, inputs: torch.Tensor | None = None, *args, session: InferenceSession | None = None, **kwargs):  # noqa: ANN002, ANN003, ANN201
         """transformers' generate(), with the KV cache kept on the servers.
