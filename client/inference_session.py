@@ -65,6 +65,9 @@ class InferenceSession:
         # generate() returned: they let a later generate() call continue or reuse a shared prefix.
         self.token_ids: torch.Tensor | None = None
         self.last_output: torch.Tensor | None = None
+        # Which positions hold real tokens, (batch, position), True = real; None while nothing was padded.
+        # The servers keep their own copy; this one is for replaying history after a failover.
+        self.padding_mask: torch.Tensor | None = None
 
     @property
     def route(self) -> list[RouteHop]:
@@ -81,8 +84,10 @@ class InferenceSession:
             lambda: self._open_chain(0, self.client.num_blocks, None), self.client.bans, "opening an inference session"
         )
 
-    async def _open_chain(self, start: int, end: int, history: torch.Tensor | None) -> list[_Hop]:
-        """Open sessions on a fresh route over [start, end) and replay `history` through it."""
+    async def _open_chain(
+        self, start: int, end: int, history: torch.Tensor | None, history_mask: torch.Tensor | None = None
+    ) -> list[_Hop]:
+        """Open sessions on a fresh route over [start, end) and replay `history` (with its padding mask) through it."""
         route = await self.client.inference_route(start, end, min_cache_tokens=self.batch_size * self.max_length)
         hops: list[_Hop] = []
         try:
@@ -97,7 +102,7 @@ class InferenceSession:
                     hops.append(_Hop(span))
                     if history is not None:
                         hops[-1].record(0, history)
-                        history = await span.step(history, 0)  # split within the server's limits
+                        history = await span.step(history, 0, history_mask)  # split within the server's limits
                 except BLAMABLE as e:
                     raise ServerFailure(planned.peer_id, e) from e
         except BaseException:
@@ -105,8 +110,11 @@ class InferenceSession:
             raise
         return hops
 
-    def step(self, hidden_states: torch.Tensor, position: int | None = None) -> torch.Tensor:
-        """Run new tokens' hidden states (batch, new_tokens, hidden) through the route at `position`."""
+    def step(
+        self, hidden_states: torch.Tensor, position: int | None = None, padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Run new tokens' hidden states (batch, new_tokens, hidden) through the route at `position`;
+        `padding_mask` (batch, new_tokens), True for real tokens, if some of them are pads."""
         position = self.position if position is None else position
         if position > self.position:
             raise InvalidRequest(f"cannot step at position {position}: the session is at {self.position}")
@@ -116,18 +124,34 @@ class InferenceSession:
             raise InvalidRequest(
                 f"the session's max_length {self.max_length} is too small for {position + hidden_states.shape[1]} tokens"
             )
-        output = run_sync(self._step(hidden_states, position))
+        if padding_mask is not None and tuple(padding_mask.shape) != tuple(hidden_states.shape[:2]):
+            raise InvalidRequest(f"padding mask of shape {tuple(padding_mask.shape)} does not match the tokens' {tuple(hidden_states.shape[:2])}")
+        new_mask = padding_mask.bool() if padding_mask is not None and not bool(padding_mask.all()) else None
+        mask = self._mask_through(position, new_mask, hidden_states.shape[1])
+        output = run_sync(self._step(hidden_states, position, new_mask, mask))
         self.position = position + hidden_states.shape[1]
+        self.padding_mask = mask
         return output
 
-    async def _step(self, hidden_states: torch.Tensor, position: int) -> torch.Tensor:
+    def _mask_through(self, position: int, new_mask: torch.Tensor | None, new_tokens: int) -> torch.Tensor | None:
+        """The session's padding mask after a step at `position` (None while nothing is padded)."""
+        if self.padding_mask is None and new_mask is None:
+            return None
+        ones = torch.ones(self.batch_size, position, dtype=torch.bool)
+        past = self.padding_mask[:, :position] if self.padding_mask is not None else ones
+        now = new_mask if new_mask is not None else torch.ones(self.batch_size, new_tokens, dtype=torch.bool)
+        return torch.cat([past, now], dim=1)
+
+    async def _step(
+        self, hidden_states: torch.Tensor, position: int, new_mask: torch.Tensor | None, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         failures = 0
         index = 0
         while index < len(self._hops):
             hop = self._hops[index]
             try:
-                output = await hop.span.step(hidden_states, position)
-                await self._spot_check(hop, position, hidden_states, output)
+                output = await hop.span.step(hidden_states, position, new_mask)
+                await self._spot_check(hop, position, hidden_states, output, mask)
             except BLAMABLE as e:
                 failures += 1
                 if failures >= self.client.bans.policy.max_attempts:
@@ -137,8 +161,9 @@ class InferenceSession:
                 self.client.bans.ban(hop.peer_id)
                 asyncio.get_running_loop().create_task(_close_all([hop]))
                 history = hop.history(position)
+                history_mask = mask[:, :position] if mask is not None else None
                 self._hops[index : index + 1] = await with_rerouting(
-                    lambda: self._open_chain(hop.span.start, hop.span.end, history),
+                    lambda: self._open_chain(hop.span.start, hop.span.end, history, history_mask),
                     self.client.bans,
                     f"replacing blocks {hop.span.start}:{hop.span.end}",
                 )
@@ -149,14 +174,16 @@ class InferenceSession:
             index += 1
         return hidden_states
 
-    async def _spot_check(self, hop: _Hop, position: int, hidden_states: torch.Tensor, output: torch.Tensor) -> None:
+    async def _spot_check(
+        self, hop: _Hop, position: int, hidden_states: torch.Tensor, output: torch.Tensor, mask: torch.Tensor | None
+    ) -> None:
         """Maybe verify a hop's step: its whole input history plus the new tokens, as a stateless forward elsewhere."""
         checker = self.client.spot_checker
         if checker is None or not checker.due():
             return
         history = hop.history(position)
         inputs = hidden_states if history is None else torch.cat([history, hidden_states], dim=1)
-        await checker.verify(hop.peer_id, hop.span.start, hop.span.end, inputs, output, self.adapter)
+        await checker.verify(hop.peer_id, hop.span.start, hop.span.end, inputs, output, self.adapter, mask)
 
     def close(self) -> None:
         hops, self._hops = self._hops, []

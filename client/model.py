@@ -35,6 +35,7 @@ from swarm.client.remote_sequential import (
     RemoteSequential,
     find_remote_cache,
     generating,
+    padded,
     require_session_cache,
 )
 from swarm.client.routing import RouteHop
@@ -116,10 +117,11 @@ class DistributedCausalLMMixin:
         The prompts go in once per sequence: always without a session, at the first step with one.
         Their positions are dropped from the logits, so outputs line up with the tokens. The cache
         travels on in `kwargs` under whatever name transformers gave it (see remote_sequential).
+        A padded batch (left or right) works as in transformers: the 2D attention mask goes to the
+        servers, which mask the pads and number each row's positions from its first real token.
         """
         cache = find_remote_cache((), kwargs)
         require_session_cache(cache)
-        _check_padding(attention_mask, allow_right_padding=cache is None)
         session = cache.session if cache is not None else None
         prefix = self.pre_seq_len
         if prefix and (session is None or session.position == 0):
@@ -136,8 +138,9 @@ class DistributedCausalLMMixin:
                 session.prefix_length = prefix
         else:
             prefix = 0
-        output = super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                                 labels=labels, **kwargs)
+        with padded(attention_mask):  # the servers mask pads and number positions per row from it
+            output = super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                     labels=labels, **kwargs)
         if prefix:
             output.logits = output.logits[:, prefix:]
         return output
@@ -166,19 +169,6 @@ class DistributedCausalLMMixin:
         session.token_ids = sequences[:, :seen]
         session.last_output = sequences
         return output
-
-
-def _check_padding(attention_mask: torch.Tensor | None, allow_right_padding: bool) -> None:
-    """Servers attend causally over all tokens sent: right padding is harmless (pads come after
-    the real tokens) in a forward pass, but left padding, or any padding while generating, is not."""
-    if attention_mask is None or bool(attention_mask.all()):
-        return
-    right_padded = bool((attention_mask[:, :-1] >= attention_mask[:, 1:]).all())
-    if not (allow_right_padding and right_padded):
-        raise InvalidRequest(
-            "padded batches are supported only right-padded, in forward passes (e.g. training); "
-            "generate with equal-length prompts or one prompt at a time"
-        )
 
 
 def _common_prefix_length(seen: torch.Tensor | None, inputs: torch.Tensor) -> int:

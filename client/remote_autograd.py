@@ -23,20 +23,23 @@ from swarm.client.swarm_client import SwarmClient
 
 class RemoteBlocks(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, client: SwarmClient, adapter: RequestAdapter | None, hidden_states: torch.Tensor, *adapter_tensors: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, client: SwarmClient, adapter: RequestAdapter | None, padding_mask: torch.Tensor | None,  # noqa: ANN001
+                hidden_states: torch.Tensor, *adapter_tensors: torch.Tensor) -> torch.Tensor:
         seed = random.getrandbits(62)
-        chunks = run_sync(batch_parts(client, hidden_states.detach(), spread=True))
+        batch, seq_len, _ = hidden_states.shape
+        parts = run_sync(batch_parts(client, batch, seq_len, spread=True))
 
         async def run_all() -> list:
             return await asyncio.gather(*(
-                forward_async(client, chunk, 0, client.num_blocks, adapter, keep=True, seed=seed + index)
-                for index, chunk in enumerate(chunks)
+                forward_async(client, hidden_states.detach()[rows], 0, client.num_blocks, adapter, keep=True, seed=seed + index,
+                              padding_mask=padding_mask[rows] if padding_mask is not None else None)
+                for index, rows in enumerate(parts)
             ))
 
         results = run_sync(run_all())
         ctx.client, ctx.adapter, ctx.seed = client, adapter, seed
         ctx.traces = [trace for _, trace in results]
-        ctx.sizes = [chunk.shape[0] for chunk in chunks]
+        ctx.sizes = [rows.stop - rows.start for rows in parts]
         ctx.input_dtype = hidden_states.dtype
         return torch.cat([output for output, _ in results]).to(hidden_states.dtype)
 
@@ -58,10 +61,13 @@ class RemoteBlocks(torch.autograd.Function):
             for found in zip(*per_part):
                 present = [grad for grad in found if grad is not None]
                 adapter_grads.append(torch.stack(present).sum(0) if present else None)
-        return (None, None, grad_inputs, *adapter_grads)
+        return (None, None, None, grad_inputs, *adapter_grads)
 
 
-def remote_blocks(client: SwarmClient, adapter: RequestAdapter | None, hidden_states: torch.Tensor) -> torch.Tensor:
-    """Hidden states (batch, seq, hidden) through all remote blocks, differentiably."""
+def remote_blocks(
+    client: SwarmClient, adapter: RequestAdapter | None, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Hidden states (batch, seq, hidden) through all remote blocks, differentiably; `padding_mask`
+    (batch, seq), True for real tokens, if the batch is padded."""
     tensors = adapter.tensors() if adapter is not None else []
-    return RemoteBlocks.apply(client, adapter, hidden_states, *tensors)
+    return RemoteBlocks.apply(client, adapter, padding_mask, hidden_states, *tensors)

@@ -21,7 +21,7 @@ from swarm.errors import InvalidRequest, PeerTimeout, RemoteError
 from swarm.limits import STEP_TIMEOUT
 from swarm.transport import open_stream, raise_for_error, translate_errors
 from swarm.wire import swarm_rpc_pb2 as pb
-from swarm.wire.codecs import encode
+from swarm.wire.codecs import encode, encode_mask
 from swarm.wire.frames import read_message, to_frames
 from swarm.wire.rpc import RPC_BACKWARD, RPC_FORWARD
 from swarm.client.reply_checks import decode_named_replies, decode_reply
@@ -43,6 +43,7 @@ class TracedHop:
     hop: RouteHop
     inputs: torch.Tensor  # (batch, seq, hidden) sent to this hop
     forward_id: int  # 0: nothing kept on the server
+    padding_mask: torch.Tensor | None = None  # (batch, seq), True for real tokens; None: no padding
 
 
 @dataclasses.dataclass
@@ -52,13 +53,12 @@ class Gradients:
     deep_prompts: dict[int, torch.Tensor]  # by the first block of each hop: (hop blocks, length, hidden)
 
 
-async def batch_parts(client: SwarmClient, hidden_states: torch.Tensor, spread: bool) -> tuple[torch.Tensor, ...]:
-    """Split a batch (batch, seq, hidden) along the batch so that every part fits every server's
-    per-request token limit; with `spread`, also into as many parts as the swarm has replicas.
+async def batch_parts(client: SwarmClient, batch: int, seq_len: int, spread: bool) -> list[slice]:
+    """Rows of a batch (batch, seq_len, ...) in parts that each fit every server's per-request token
+    limit; with `spread`, also in as many parts as the swarm has replicas of every block.
 
     A single sequence longer than the limit cannot be split (attention needs it whole): InvalidRequest.
     """
-    batch, seq_len, _ = hidden_states.shape
     limit = await client.request_token_limit()
     if seq_len > limit:
         raise InvalidRequest(
@@ -68,15 +68,17 @@ async def batch_parts(client: SwarmClient, hidden_states: torch.Tensor, spread: 
     parts = -(-batch // (limit // seq_len))
     if spread:
         parts = max(parts, await client.parallel_routes(batch))
-    return hidden_states.tensor_split(parts)
+    bounds = [int(chunk[0]) for chunk in torch.arange(batch).tensor_split(min(parts, batch))] + [batch]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
 async def forward_async(
     client: SwarmClient, hidden_states: torch.Tensor, start: int, end: int,
-    adapter: AdapterPayload | None = None, keep: bool = False, seed: int = 0,
+    adapter: AdapterPayload | None = None, keep: bool = False, seed: int = 0, padding_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[TracedHop]]:
     """Hidden states (batch, seq, hidden) through blocks [start, end); with `keep`, servers keep
-    the activations for backward. Returns the output and the hops it took."""
+    the activations for backward. `padding_mask` (batch, seq): True for real tokens. Returns the
+    output and the hops it took."""
     position, state = start, hidden_states
     trace: list[TracedHop] = []
 
@@ -85,17 +87,17 @@ async def forward_async(
         nonlocal position, state
         for hop in await client.forward_route(position, end):
             forward_id = random.getrandbits(63) + 1 if keep else 0
-            request = _forward_request(client, hop, state, adapter, forward_id, seed)
+            request = _forward_request(client, hop, state, adapter, forward_id, seed, padding_mask)
             reply = await _call(client, hop, RPC_FORWARD, request, pb.ForwardResponse)
             output = _checked(hop, reply.hidden_states, state.shape, "hidden states")
             checker = client.spot_checker
             random_dropout = keep and request.adapter.lora_dropout > 0  # a recompute could not match it
             if checker is not None and not random_dropout and checker.due():
                 try:
-                    await checker.verify(hop.peer_id, hop.start, hop.end, state, output, adapter)
+                    await checker.verify(hop.peer_id, hop.start, hop.end, state, output, adapter, padding_mask)
                 except RemoteError as e:
                     raise ServerFailure(hop.peer_id, e) from e
-            trace.append(TracedHop(hop, state, forward_id))
+            trace.append(TracedHop(hop, state, forward_id, padding_mask))
             state = output
             position = hop.end
 
@@ -104,18 +106,13 @@ async def forward_async(
 
 
 async def forward_on_route(
-    client: SwarmClient, route: list[RouteHop], hidden_states: torch.Tensor, adapter: AdapterPayload | None
+    client: SwarmClient, route: list[RouteHop], hidden_states: torch.Tensor, adapter: AdapterPayload | None,
+    padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Hidden states (batch, seq, hidden) through the given route, once, with no rerouting (spot checks)."""
     state = hidden_states
     for hop in route:
-        request = pb.ForwardRequest(
-            span=pb.Span(start=hop.start, end=hop.end),
-            hidden_states=encode(state, client.codecs.send),
-            response_codec=client.codecs.receive,
-        )
-        if adapter is not None:
-            request.adapter.CopyFrom(adapter.message(hop.start, hop.end))
+        request = _forward_request(client, hop, state, adapter, 0, 0, padding_mask)
         reply = await _call(client, hop, RPC_FORWARD, request, pb.ForwardResponse)
         state = _checked(hop, reply.hidden_states, state.shape, "hidden states")
     return state
@@ -128,7 +125,7 @@ async def backward_async(
     gradients = Gradients(grad_outputs, {}, {})
     for traced in reversed(trace):
         try:
-            await _backward_hop(client, traced.hop, traced.inputs, traced.forward_id, gradients, adapter, seed)
+            await _backward_hop(client, traced.hop, traced.inputs, traced.forward_id, gradients, adapter, seed, traced.padding_mask)
         except ServerFailure as failure:
             client.bans.ban(failure.peer_id)
             await _backward_elsewhere(client, traced, gradients, adapter, seed)
@@ -144,14 +141,14 @@ async def _backward_elsewhere(client: SwarmClient, traced: TracedHop, gradients:
         inputs, state = [], traced.inputs
         for hop in route[:-1]:
             inputs.append(state)
-            request = _forward_request(client, hop, state, adapter, 0, seed)
+            request = _forward_request(client, hop, state, adapter, 0, seed, traced.padding_mask)
             reply = await _call(client, hop, RPC_FORWARD, request, pb.ForwardResponse)
             state = _checked(hop, reply.hidden_states, state.shape, "hidden states")
         inputs.append(state)
         saved = dataclasses.replace(gradients, lora=dict(gradients.lora), deep_prompts=dict(gradients.deep_prompts))
         try:
             for hop, hop_inputs in reversed(list(zip(route, inputs))):
-                await _backward_hop(client, hop, hop_inputs, 0, gradients, adapter, seed)
+                await _backward_hop(client, hop, hop_inputs, 0, gradients, adapter, seed, traced.padding_mask)
         except ServerFailure:
             gradients.inputs, gradients.lora, gradients.deep_prompts = saved.inputs, saved.lora, saved.deep_prompts
             raise
@@ -160,13 +157,14 @@ async def _backward_elsewhere(client: SwarmClient, traced: TracedHop, gradients:
 
 
 def _forward_request(client: SwarmClient, hop: RouteHop, hidden_states: torch.Tensor, adapter: AdapterPayload | None,
-                     forward_id: int, seed: int) -> pb.ForwardRequest:
+                     forward_id: int, seed: int, padding_mask: torch.Tensor | None = None) -> pb.ForwardRequest:
     request = pb.ForwardRequest(
         span=pb.Span(start=hop.start, end=hop.end),
         hidden_states=encode(hidden_states, client.codecs.send),
         response_codec=client.codecs.receive,
         forward_id=forward_id,
         dropout_seed=seed,
+        attention_mask=encode_mask(padding_mask),
     )
     if adapter is not None:
         request.adapter.CopyFrom(adapter.message(hop.start, hop.end))
@@ -174,7 +172,8 @@ def _forward_request(client: SwarmClient, hop: RouteHop, hidden_states: torch.Te
 
 
 async def _backward_hop(client: SwarmClient, hop: RouteHop, inputs: torch.Tensor, forward_id: int,
-                        gradients: Gradients, adapter: AdapterPayload | None, seed: int) -> None:
+                        gradients: Gradients, adapter: AdapterPayload | None, seed: int,
+                        padding_mask: torch.Tensor | None = None) -> None:
     request = pb.BackwardRequest(
         span=pb.Span(start=hop.start, end=hop.end),
         hidden_states=encode(inputs, client.codecs.send),
@@ -182,6 +181,7 @@ async def _backward_hop(client: SwarmClient, hop: RouteHop, inputs: torch.Tensor
         response_codec=client.codecs.receive,
         forward_id=forward_id,
         dropout_seed=seed,
+        attention_mask=encode_mask(padding_mask),
     )
     if adapter is not None:
         request.adapter.CopyFrom(adapter.message(hop.start, hop.end))

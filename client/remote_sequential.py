@@ -73,6 +73,22 @@ def generating(session: InferenceSession) -> Iterator[None]:
         _generating.reset(token)
 
 
+# The 2D attention mask (batch, past + new tokens) of the model call running in this thread, if it
+# has pads: transformers hands the decoder layers only its 4D form, the servers need the 2D one.
+_padding_mask: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("swarm_padding_mask", default=None)
+
+
+@contextlib.contextmanager
+def padded(attention_mask: torch.Tensor | None) -> Iterator[None]:
+    """Make a model call's 2D attention mask (1 = token, 0 = pad) visible to the remote layers."""
+    has_pads = attention_mask is not None and not bool(attention_mask.all())
+    token = _padding_mask.set(attention_mask.bool() if has_pads else None)  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        _padding_mask.reset(token)
+
+
 def find_remote_cache(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> RemoteCache | None:
     """The RemoteCache among a call's arguments, under whatever name transformers passed it."""
     for value in (*args, *kwargs.values()):
@@ -103,17 +119,25 @@ class RemoteSequential(nn.Module):
         """Hidden states (batch, seq, hidden) through every remote block."""
         cache = find_remote_cache(args, kwargs)
         require_session_cache(cache)
+        padding = _padding_mask.get()  # (batch, past + new), or None
+        new_padding = padding[:, -hidden_states.shape[1] :] if padding is not None else None
         if cache is not None:
-            return cache.session.step(hidden_states).to(hidden_states.dtype)
+            return cache.session.step(hidden_states, padding_mask=new_padding).to(hidden_states.dtype)
         adapter = self.adapter()
         tensors = adapter.tensors() if adapter is not None else []
         if torch.is_grad_enabled() and (hidden_states.requires_grad or any(t.requires_grad for t in tensors)):
-            return remote_blocks(self.client, adapter, hidden_states)
-        output = run_sync(self._forward_in_parts(hidden_states.detach(), adapter))
+            return remote_blocks(self.client, adapter, hidden_states, new_padding)
+        output = run_sync(self._forward_in_parts(hidden_states.detach(), adapter, new_padding))
         return output.to(hidden_states.dtype)
 
-    async def _forward_in_parts(self, hidden_states: torch.Tensor, adapter: RequestAdapter | None) -> torch.Tensor:
+    async def _forward_in_parts(
+        self, hidden_states: torch.Tensor, adapter: RequestAdapter | None, padding_mask: torch.Tensor | None
+    ) -> torch.Tensor:
         """A plain forward, in as many requests as the servers' per-request token limit needs."""
-        parts = await batch_parts(self.client, hidden_states, spread=False)
-        outputs = [(await forward_async(self.client, part, 0, self.client.num_blocks, adapter))[0] for part in parts]
+        batch, seq_len, _ = hidden_states.shape
+        outputs = []
+        for rows in await batch_parts(self.client, batch, seq_len, spread=False):
+            mask = padding_mask[rows] if padding_mask is not None else None
+            outputs.append((await forward_async(self.client, hidden_states[rows], 0, self.client.num_blocks, adapter,
+                                                padding_mask=mask))[0])
         return torch.cat(outputs)

@@ -56,11 +56,12 @@ class SpotChecker:
         return max(TOLERANCE.get(codecs.send, 0.3), TOLERANCE.get(codecs.receive, 0.3))
 
     async def verify(
-        self, peer_id: str, start: int, end: int, inputs: torch.Tensor, output: torch.Tensor, adapter: AdapterPayload | None
+        self, peer_id: str, start: int, end: int, inputs: torch.Tensor, output: torch.Tensor, adapter: AdapterPayload | None,
+        padding_mask: torch.Tensor | None = None,
     ) -> None:
         """Check `output` (batch, n, hidden), the last n positions of what server `peer_id` computed for
         blocks [start, end) on `inputs` (batch, seq, hidden, seq >= n). Raises WrongResult if it lied."""
-        second = await self._recompute(start, end, inputs, adapter, exclude={peer_id})
+        second = await self._recompute(start, end, inputs, adapter, padding_mask, exclude={peer_id})
         if second is None:
             self.skipped += 1
             logger.debug("spot check of %s skipped: no other route over blocks %d:%d", peer_id[-8:], start, end)
@@ -74,7 +75,7 @@ class SpotChecker:
         for attempt in range(REFEREE_ATTEMPTS):
             if attempt:
                 await asyncio.sleep(REFEREE_RETRY_DELAY)
-            third = await self._recompute(start, end, inputs, adapter, exclude={peer_id, *second_peers})
+            third = await self._recompute(start, end, inputs, adapter, padding_mask, exclude={peer_id, *second_peers})
             if third is not None:
                 break
         if third is None:
@@ -103,13 +104,14 @@ class SpotChecker:
         logger.error("server %s returned wrong outputs for blocks %d:%d; it is banned for good in this client", peer_id, start, end)
 
     async def _recompute(
-        self, start: int, end: int, inputs: torch.Tensor, adapter: AdapterPayload | None, exclude: set[str]
+        self, start: int, end: int, inputs: torch.Tensor, adapter: AdapterPayload | None, padding_mask: torch.Tensor | None,
+        exclude: set[str],
     ) -> tuple[torch.Tensor, list[str]] | None:
         """The output of blocks [start, end) on `inputs` from servers outside `exclude`, and who computed
         it; None if no such route exists or it fails (a failing verifier is banned as usual)."""
         try:
             route = await self.client.forward_route(start, end, exclude=frozenset(exclude), wait=False)
-            return await forward_on_route(self.client, route, inputs, adapter), [hop.peer_id for hop in route]
+            return await forward_on_route(self.client, route, inputs, adapter, padding_mask), [hop.peer_id for hop in route]
         except RoutingError:
             return None
         except ServerFailure as failure:

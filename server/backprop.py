@@ -69,14 +69,15 @@ class ActivationStore:
 
 
 def forward_for_backward(
-    runner: SpanRunner, hidden: torch.Tensor, start: int, end: int, adapter: ParsedAdapter | None, seed: int
+    runner: SpanRunner, hidden: torch.Tensor, start: int, end: int, adapter: ParsedAdapter | None, seed: int,
+    padding_mask: torch.Tensor | None = None,
 ) -> KeptForward:
     """Run blocks [start, end) with autograd on, keeping the graph for a later backward."""
     inputs = hidden.detach().requires_grad_(True)
     if adapter is not None:
         adapter.requires_grad_()
     with torch.enable_grad(), applied(runner, adapter, start, training=True, seed=seed):
-        output = runner(inputs, start, end)
+        output = runner(inputs, start, end, padding_mask=padding_mask)
     nbytes = hidden.numel() * 4 * ACTIVATION_FACTOR * (end - start)
     return KeptForward(inputs, adapter, output, nbytes, time.monotonic() + STORE_TTL)
 

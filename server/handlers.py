@@ -23,7 +23,7 @@ from swarm.wire import swarm_rpc_pb2 as pb
 from swarm.transport import P2P
 from swarm.wire.rpc import RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, RPC_INFO
 from swarm.wire.frames import MessageT, read_message, read_until_end, to_frames
-from swarm.wire.codecs import check_codec, decode, encode
+from swarm.wire.codecs import check_codec, decode, decode_mask, encode
 from swarm.server.adapters import MAX_PROMPT_LENGTH, ParsedAdapter, applied, parse_adapter
 from swarm.server.backprop import ActivationStore, backward, forward_for_backward
 from swarm.server.cache_budget import CacheBudget
@@ -114,16 +114,17 @@ class SpanHandlers:
         response_codec = check_codec(request.response_codec)
         hidden = await self._check_hidden(request.hidden_states)
         adapter = parse_adapter(request.adapter, runner, start, end, self.limits.max_lora_rank)
+        mask = decode_mask(request.attention_mask, hidden.shape[0], hidden.shape[1])
         peer, cost = _caller(context), _cost(hidden, start, end)
         if request.forward_id:
-            compute = functools.partial(forward_for_backward, runner, hidden, start, end, adapter, request.dropout_seed)
+            compute = functools.partial(forward_for_backward, runner, hidden, start, end, adapter, request.dropout_seed, mask)
             began = time.perf_counter()
             kept = await self.worker.submit(TaskKind.FORWARD, peer, cost, compute)
             logger.debug("forward (kept) compute for blocks %d:%d took %.3f s", start, end, time.perf_counter() - began)
             self.activations.put((_caller(context), request.forward_id), kept)
             output = kept.output.detach()
         else:
-            compute = functools.partial(_run_frozen, runner, hidden, start, end, adapter)
+            compute = functools.partial(_run_frozen, runner, hidden, start, end, adapter, padding_mask=mask)
             output = await self.worker.submit(TaskKind.FORWARD, peer, cost, compute)
         self.served.forwards += 1
         return pb.ForwardResponse(hidden_states=await _off_loop_if_large(output.numel(), encode, output, response_codec))
@@ -154,7 +155,8 @@ class SpanHandlers:
         logger.debug("backward for blocks %d:%d: %s", start, end, "kept forward" if kept is not None else "recompute")
         if kept is None or kept.inputs.shape != hidden.shape:
             adapter = parse_adapter(request.adapter, runner, start, end, self.limits.max_lora_rank)
-            compute = functools.partial(forward_for_backward, runner, hidden, start, end, adapter, request.dropout_seed)
+            mask = decode_mask(request.attention_mask, hidden.shape[0], hidden.shape[1])
+            compute = functools.partial(forward_for_backward, runner, hidden, start, end, adapter, request.dropout_seed, mask)
             kept = await self.worker.submit(TaskKind.FORWARD, _caller(context), _cost(hidden, start, end), compute)
         began = time.perf_counter()
         grad_inputs, lora_grads, prompt_grads = await self.worker.submit(
@@ -215,6 +217,7 @@ class SpanHandlers:
         end: int,
     ) -> AsyncIterator[pb.Frame]:
         cache = DynamicCache()  # keys/values per block: (batch, kv_heads, position, head_dim)
+        mask: torch.Tensor | None = None  # (batch, position), True for real tokens; None while nothing was padded
         response_codec = check_codec(opening.response_codec)
         position = 0
         loop = asyncio.get_running_loop()
@@ -247,10 +250,15 @@ class SpanHandlers:
                 raise InvalidRequest(
                     f"step to position {step.position + hidden.shape[1]} is past the session's max_length {opening.max_length}"
                 )
+            new_mask = decode_mask(step.attention_mask, hidden.shape[0], hidden.shape[1])
             if step.position < position:
                 cache.crop(step.position - position)  # crop takes a negative count: drop the last tokens
             position = step.position
-            compute = functools.partial(_run_frozen, runner, hidden, start, end, adapter, position, cache)
+            if mask is not None or new_mask is not None:
+                past = mask[:, :position] if mask is not None else torch.ones(hidden.shape[0], position, dtype=torch.bool)
+                now = new_mask if new_mask is not None else torch.ones(hidden.shape[:2], dtype=torch.bool)
+                mask = torch.cat([past, now], dim=1)
+            compute = functools.partial(_run_frozen, runner, hidden, start, end, adapter, position, cache, mask)
             output = await self.worker.submit(TaskKind.INFERENCE, peer, _cost(hidden, start, end), compute)
             position += hidden.shape[1]
             encoded = await _off_loop_if_large(output.numel(), encode, output, response_codec)
@@ -319,10 +327,11 @@ def _run_frozen(
     adapter: ParsedAdapter | None,
     position: int = 0,
     cache: DynamicCache | None = None,
+    padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Blocks [start, end) without autograd, with the caller's adapter if any."""
     with torch.inference_mode(), applied(runner, adapter, start, position=position):
-        return runner(hidden, start, end, position=position, cache=cache)
+        return runner(hidden, start, end, position=position, cache=cache, padding_mask=padding_mask)
 
 
 # Tensors of at least this many values are decoded and encoded on a worker thread: an int8 prefill of

@@ -50,16 +50,23 @@ class SpanRunner(nn.Module):
         end: int,
         position: int = 0,
         cache: DynamicCache | None = None,
+        padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run blocks [start, end) on hidden_states (batch, new_tokens, hidden) at `position`.
 
         With a cache, the tokens are appended to it at `position` (the caller rolls it back first
         if needed); without one, `position` must be 0 and the sequence is processed whole.
+        `padding_mask` (batch, position + new_tokens), True for real tokens, masks pads as keys and
+        numbers each row's positions from its first real token, as transformers does for a padded
+        batch (notes/transformers-spans.md §5); None means no padding.
         Autograd follows the caller's mode: handlers run inference under torch.inference_mode().
         """
         hidden_states = hidden_states.to(self.compute_dtype)
         seq_len = hidden_states.shape[1]
-        position_ids = torch.arange(position, position + seq_len, device=hidden_states.device)[None]
+        if padding_mask is None:
+            position_ids = torch.arange(position, position + seq_len, device=hidden_states.device)[None]
+        else:
+            position_ids = (padding_mask.long().cumsum(-1) - 1).masked_fill(~padding_mask, 0)[:, -seq_len:]
         position_embeddings = self.rotary(hidden_states, position_ids)
         masks = {}
         for index in range(start, end):
@@ -69,7 +76,7 @@ class SpanRunner(nn.Module):
                 masks[kind] = build(
                     config=self.config,
                     inputs_embeds=hidden_states,
-                    attention_mask=None,
+                    attention_mask=padding_mask,
                     position_ids=position_ids,
                     layer_idx=index,
                     **{cache_argument(build): cache},

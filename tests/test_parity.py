@@ -64,3 +64,32 @@ def test_session_reused_across_generate_calls(family_swarm):
         assert len(remote.route) == 3
     assert torch.equal(first, expected[:, : first.shape[1]])
     assert torch.equal(second, expected)
+
+
+def padded_batch(lengths: tuple[int, ...], side: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths padded (pad id 0) on `side`, as tokenizer(..., padding=True) makes them: (ids, mask)."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids, mask = torch.zeros(len(lengths), width, dtype=torch.long), torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        where = slice(width - length, width) if side == "left" else slice(0, length)
+        ids[row, where] = torch.randint(3, 211, (length,), generator=generator)
+        mask[row, where] = 1
+    return ids, mask
+
+
+def test_left_padded_batch_generates_like_local(family_swarm):
+    local, remote = family_swarm
+    ids, mask = padded_batch((3, 7, 5), "left", seed=21)
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(remote.generate(ids, **kwargs), local.generate(ids, **kwargs))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_forward_matches_local_on_real_tokens(family_swarm, side):
+    local, remote = family_swarm
+    ids, mask = padded_batch((4, 9, 6), side, seed=22)
+    with torch.no_grad():
+        expected, produced = local(ids, attention_mask=mask).logits, remote(ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(produced[real], expected[real], atol=1e-4, rtol=0)

@@ -68,6 +68,25 @@ def encode(tensor: torch.Tensor, codec: str = "none") -> pb.Tensor:
     return message
 
 
+def encode_mask(mask: torch.Tensor | None) -> bytes:
+    """A padding mask (batch, tokens) of 0/1 as one byte per entry; b"" if there is none or it has no pads."""
+    if mask is None or bool(mask.all()):
+        return b""
+    return mask.to(torch.uint8).contiguous().numpy().tobytes()
+
+
+def decode_mask(data: bytes, batch: int, tokens: int) -> torch.Tensor | None:
+    """The (batch, tokens) bool mask that `encode_mask` wrote, checked against the tensor it pads; None if empty."""
+    if not data:
+        return None
+    if len(data) != batch * tokens:
+        raise InvalidRequest(f"attention mask has {len(data)} bytes, expected batch x tokens = {batch * tokens}")
+    values = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(batch, tokens)
+    if bool((values > 1).any()):
+        raise InvalidRequest("attention mask bytes must be 0 (pad) or 1 (token)")
+    return values.bool()
+
+
 MAX_DIMS = 8
 MAX_DIM_SIZE = 2**31 - 1  # torch's strides overflow well before the bytes would run out
 

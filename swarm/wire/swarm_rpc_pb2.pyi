@@ -132,23 +132,25 @@ class Adapter(_message.Message):
     def __init__(self, lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., use_rslora: _Optional[bool] = ..., lora: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., deep_prompts: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("span", "hidden_states", "response_codec", "adapter", "forward_id", "dropout_seed")
+    __slots__ = ("span", "hidden_states", "response_codec", "adapter", "forward_id", "dropout_seed", "attention_mask")
     SPAN_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_CODEC_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     FORWARD_ID_FIELD_NUMBER: _ClassVar[int]
     DROPOUT_SEED_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
     span: Span
     hidden_states: Tensor
     response_codec: str
     adapter: Adapter
     forward_id: int
     dropout_seed: int
-    def __init__(self, span: _Optional[_Union[Span, _Mapping]] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., response_codec: _Optional[str] = ..., adapter: _Optional[_Union[Adapter, _Mapping]] = ..., forward_id: _Optional[int] = ..., dropout_seed: _Optional[int] = ...) -> None: ...
+    attention_mask: bytes
+    def __init__(self, span: _Optional[_Union[Span, _Mapping]] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., response_codec: _Optional[str] = ..., adapter: _Optional[_Union[Adapter, _Mapping]] = ..., forward_id: _Optional[int] = ..., dropout_seed: _Optional[int] = ..., attention_mask: _Optional[bytes] = ...) -> None: ...
 
 class BackwardRequest(_message.Message):
-    __slots__ = ("span", "hidden_states", "grad_outputs", "response_codec", "adapter", "forward_id", "dropout_seed")
+    __slots__ = ("span", "hidden_states", "grad_outputs", "response_codec", "adapter", "forward_id", "dropout_seed", "attention_mask")
     SPAN_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     GRAD_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +158,7 @@ class BackwardRequest(_message.Message):
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     FORWARD_ID_FIELD_NUMBER: _ClassVar[int]
     DROPOUT_SEED_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
     span: Span
     hidden_states: Tensor
     grad_outputs: Tensor
@@ -163,7 +166,8 @@ class BackwardRequest(_message.Message):
     adapter: Adapter
     forward_id: int
     dropout_seed: int
-    def __init__(self, span: _Optional[_Union[Span, _Mapping]] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., grad_outputs: _Optional[_Union[Tensor, _Mapping]] = ..., response_codec: _Optional[str] = ..., adapter: _Optional[_Union[Adapter, _Mapping]] = ..., forward_id: _Optional[int] = ..., dropout_seed: _Optional[int] = ...) -> None: ...
+    attention_mask: bytes
+    def __init__(self, span: _Optional[_Union[Span, _Mapping]] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., grad_outputs: _Optional[_Union[Tensor, _Mapping]] = ..., response_codec: _Optional[str] = ..., adapter: _Optional[_Union[Adapter, _Mapping]] = ..., forward_id: _Optional[int] = ..., dropout_seed: _Optional[int] = ..., attention_mask: _Optional[bytes] = ...) -> None: ...
 
 class BackwardResponse(_message.Message):
     __slots__ = ("grad_inputs", "lora_grads", "deep_prompt_grads", "error")
@@ -208,14 +212,16 @@ class SessionOpen(_message.Message):
     def __init__(self, span: _Optional[_Union[Span, _Mapping]] = ..., max_length: _Optional[int] = ..., batch_size: _Optional[int] = ..., response_codec: _Optional[str] = ..., adapter: _Optional[_Union[Adapter, _Mapping]] = ...) -> None: ...
 
 class InferenceStep(_message.Message):
-    __slots__ = ("hidden_states", "position", "step_id")
+    __slots__ = ("hidden_states", "position", "step_id", "attention_mask")
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
     hidden_states: Tensor
     position: int
     step_id: int
-    def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., step_id: _Optional[int] = ...) -> None: ...
+    attention_mask: bytes
+    def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., step_id: _Optional[int] = ..., attention_mask: _Optional[bytes] = ...) -> None: ...
 
 class InferenceResponse(_message.Message):
     __slots__ = ("opened", "step", "error")
