@@ -13,6 +13,7 @@ autorelay announces no relayed address through a relay whose address is private 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -24,7 +25,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from swarm.cli.dataclass_args import add_dataclass_arguments, config_from_namespace
 from swarm.client.local_processes import SHARED_CORES_ENV, ManagedProcess
+from swarm.dht import P2P  # with swarm.dht's patch of its p2pd arguments
+from swarm.reachability import _ip_of, _valid_maddrs
+from swarm.server.config import ServerConfig
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -137,3 +142,20 @@ def test_server_behind_nat_serves_through_relay_with_parity(tiny_models):
         torch.testing.assert_close(torch.tensor(result["logits"]), local(input_ids).logits, atol=1e-4, rtol=0)
     expected = local.generate(input_ids, max_new_tokens=12, do_sample=False, eos_token_id=None)
     assert torch.equal(torch.tensor(result["tokens"]), expected)
+
+
+def test_relay_flags_and_static_relays():
+    """--relay is on by default and --no-relay turns it off; trusted relays switch p2pd's relay discovery off."""
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, ServerConfig)
+    assert config_from_namespace(ServerConfig, parser.parse_args(["smollm2", "--new-swarm"])).relay is True
+    assert config_from_namespace(ServerConfig, parser.parse_args(["smollm2", "--new-swarm", "--no-relay"])).relay is False
+    assert "-relayDiscovery=0" in P2P._make_process_args("p2pd", autoRelay=True, trustedRelays="/ip4/1.2.3.4/tcp/1/p2p/Qm")
+    assert not any("relayDiscovery" in arg for arg in P2P._make_process_args("p2pd", autoRelay=False))
+
+
+def test_dial_back_targets_only_valid_direct_addresses():
+    assert _ip_of("/ip4/11.77.0.2/tcp/4001") == "11.77.0.2" and _ip_of("/ip6/::1/tcp/1") == "::1"
+    assert _ip_of("/dns/example.com/tcp/1") is None and _ip_of("/ip4/999.1.1.1/tcp/1") is None
+    given = ["/ip4/1.2.3.4/tcp/1", "/ip4/1.2.3.4/udp/1/quic", "/ip4/1.2.3.4/tcp/1/p2p/Qm/p2p-circuit", "garbage"]
+    assert _valid_maddrs(given + ["/ip4/1.2.3.4/tcp/2"] * 20) == ["/ip4/1.2.3.4/tcp/1"] + ["/ip4/1.2.3.4/tcp/2"] * 4
