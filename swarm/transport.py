@@ -17,7 +17,7 @@ from hivemind.p2p import P2P, P2PContext, PeerID  # P2P is re-exported: the side
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerError
 from hivemind.utils.multiaddr import Multiaddr
 
-from swarm.errors import CacheFull, InvalidRequest, PeerTimeout, RemoteError
+from swarm.errors import CacheFull, ConfigError, InvalidRequest, PeerTimeout, RemoteError, SwarmError
 from swarm.wire import swarm_rpc_pb2 as pb
 from swarm.wire.rpc import RPC_INFO
 
@@ -36,11 +36,19 @@ def caller_of(context: P2PContext) -> str:
 
 
 async def start_p2p(initial_peers: Sequence[str], host_maddrs: Sequence[str], announce_maddrs: Sequence[str] = ()) -> P2P:
-    """A short-lived P2P peer without a DHT that listens like a server would (for a reachability check)."""
-    return await P2P.create(
-        initial_peers=list(initial_peers), host_maddrs=list(host_maddrs), announce_maddrs=list(announce_maddrs) or None,
-        dht_mode="client", use_relay=False, auto_nat=False, nat_port_map=False,
-    )
+    """A short-lived P2P peer without a DHT that listens like a server would (for a reachability check).
+
+    ConfigError if none of the initial peers answers, as when starting the DHT peer.
+    """
+    try:
+        return await P2P.create(
+            initial_peers=list(initial_peers), host_maddrs=list(host_maddrs), announce_maddrs=list(announce_maddrs) or None,
+            dht_mode="client", use_relay=False, auto_nat=False, nat_port_map=False,
+        )
+    except P2PDaemonError as e:
+        if "bootstrap" in str(e):
+            raise ConfigError(f"none of the initial peers answered: {', '.join(initial_peers)}") from None
+        raise SwarmError(f"could not start a P2P peer: {str(e).strip().splitlines()[0]}") from None
 
 
 async def listen_maddrs(p2p: P2P) -> list[str]:
