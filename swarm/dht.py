@@ -43,17 +43,17 @@ def _stdlib_event_loop() -> asyncio.AbstractEventLoop:
 # on call arguments of 16 KiB or more (notes/hivemind.md, trap 1). A stdlib loop avoids it.
 hivemind_dht_module.switch_to_uvloop = _stdlib_event_loop
 
-RELAY_WAIT = 30.0  # seconds a peer behind NAT waits for a relay's reservation; measured: the first address query already has it
+RELAY_WAIT = 30.0  # seconds a peer behind NAT waits for its relayed address; measured: the first query has it
 _make_p2pd_args = P2P._make_process_args
 
 
 def _p2pd_args_with_static_relays(*args: Any, **kwargs: Any) -> list[str]:
     """p2pd's arguments, with relay discovery off whenever trusted relays are given.
 
-    hivemind's P2P.create (p2p_daemon.py:206 builds its arguments) cannot pass p2pd's -relayDiscovery, which defaults to on.
-    With discovery on, go-libp2p's autorelay waits for 4 relay candidates or 3 minutes before it
-    reserves a slot on any of them (measured: no circuit address after 50 s with one relay); with
-    static relays only, it reserves at once.
+    hivemind's P2P.create (p2p_daemon.py:206 builds the arguments) cannot pass p2pd's -relayDiscovery,
+    which defaults to on. With discovery on, go-libp2p's autorelay waits for 4 relay candidates or
+    3 minutes before it reserves a slot on any of them (measured: no circuit address after 50 s with
+    one relay); with static relays only, it reserves at once.
     """
     if kwargs.get("trustedRelays"):
         kwargs["relayDiscovery"] = False

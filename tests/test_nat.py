@@ -2,7 +2,7 @@
 
 Two network namespaces joined by a veth pair (nothing of the host's own network is touched):
 
-    public (11.77.0.1): swarm-dht (the relay), a public server for blocks 0:3, the client
+    public (11.77.0.1): swarm-dht (the relay), a public server for blocks 0:3, the client, swarm-health
     home   (11.77.0.2): a server for blocks 3:6 that can connect out but accepts no connection
 
 "home" drops every TCP SYN without ACK that arrives (and all UDP): a stateless firewall made of
@@ -35,6 +35,7 @@ pytestmark = pytest.mark.timeout(180)
 
 PUBLIC_IP, HOME_IP = "11.77.0.1", "11.77.0.2"
 CLIENT_TIMEOUT = 90.0  # seconds for the client to load, route, compute and print
+HEALTH_PORT = 8000  # inside the public namespace, where nothing else listens
 
 
 def _ip(*args: str) -> None:
@@ -99,6 +100,23 @@ def _in(namespace: str, *args: str) -> list[str]:
     return ["ip", "netns", "exec", namespace, sys.executable, "-m", *args]
 
 
+_FETCH = """
+import sys, time, urllib.request
+for attempt in range(100):  # uvicorn binds just after the "health page at" line
+    try:
+        print(urllib.request.urlopen(sys.argv[1], timeout=20).read().decode())
+        break
+    except OSError:
+        time.sleep(0.2)
+"""
+
+
+def _fetch(namespace: str, url: str) -> str:
+    """GET `url` from inside `namespace` (the test process is outside it)."""
+    command = ["ip", "netns", "exec", namespace, sys.executable, "-c", _FETCH, url]
+    return subprocess.run(command, capture_output=True, text=True, check=True, timeout=60).stdout
+
+
 def test_server_behind_nat_serves_through_relay_with_parity(tiny_models):
     path = tiny_models["llama"]
     input_ids = torch.randint(3, 211, (2, 7), generator=torch.Generator().manual_seed(5))  # (batch, seq)
@@ -124,11 +142,15 @@ def test_server_behind_nat_serves_through_relay_with_parity(tiny_models):
             public_server.wait_for_line("serving blocks")
 
             client = ManagedProcess(_in(public, "tests.nat_client", str(path), json.dumps(input_ids.tolist()), "12", *peers))
-            processes.append(client)
+            health = ManagedProcess(_in(public, "swarm.health.cli", "--initial-peers", *peers, "--port", str(HEALTH_PORT)))
+            processes += [client, health]
             client.popen.wait(CLIENT_TIMEOUT)
             lines = [line for line in client.lines if line.startswith("{")]
             assert client.popen.returncode == 0 and lines, client.output()[-3000:]
             result = json.loads(lines[-1])
+            health.wait_for_line("health page at")
+            state = json.loads(_fetch(public, f"http://127.0.0.1:{HEALTH_PORT}/api/v1/state?refresh=1"))
+            page = _fetch(public, f"http://127.0.0.1:{HEALTH_PORT}/")
         finally:  # before the namespaces go: each process gets SIGTERM and time to leave cleanly
             for process in reversed(processes):
                 process.stop()
@@ -136,6 +158,9 @@ def test_server_behind_nat_serves_through_relay_with_parity(tiny_models):
     assert result["reachability"][nat_id] == "relay"
     assert set(result["reachability"].values()) == {"relay", "direct"}
     assert result["connections"][nat_id] and all("/p2p-circuit" in maddr for maddr in result["connections"][nat_id])
+    servers = {server["peer_id"]: server for model in state["models"] for server in model["servers"]}
+    assert servers[nat_id]["reachability"] == "relay" and servers[nat_id]["probe_ms"] is not None  # probed through the relay
+    assert "<td>relay</td>" in page and "<td>direct</td>" in page
 
     local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
