@@ -5,8 +5,8 @@ peers, which are public by definition, to open a new direct connection to it. Ea
 addresses at the IP address that the caller's own connection comes from, so that the check cannot be
 used to make it dial third parties, and it runs few checks at a time.
 
-libp2p's AutoNAT is not used for this: its servers refuse to dial back private addresses, and p2pd
-does not report the reachability it found.
+libp2p's AutoNAT is not used for this: go-libp2p's AutoNAT servers do not dial back private addresses,
+they need several peers to agree, and p2pd does not report the reachability they found.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ async def _check_caller(
 def _valid_maddrs(maddrs: Sequence[str]) -> list[str]:
     """The caller's addresses that are worth a dial: direct TCP ones, at most a few, each of bounded length."""
     return [
-        maddr for maddr in list(maddrs)[:MAX_CHECKED_MADDRS]
+        maddr for maddr in maddrs[:MAX_CHECKED_MADDRS]
         if len(maddr) <= MAX_MADDR_LENGTH and "/tcp/" in maddr and "/p2p" not in maddr and _ip_of(maddr) is not None
     ]
 
