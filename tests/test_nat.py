@@ -19,7 +19,8 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -28,7 +29,11 @@ from transformers import AutoModelForCausalLM
 from swarm.cli.dataclass_args import add_dataclass_arguments, config_from_namespace
 from swarm.client.local_processes import SHARED_CORES_ENV, ManagedProcess
 from swarm.dht import P2P  # with swarm.dht's patch of its p2pd arguments
-from swarm.reachability import _ip_of, _valid_maddrs
+from swarm.client.event_loop import run_sync
+from swarm.reachability import CHECK_TIMEOUT, DIAL_BACK_TIMEOUT, _ip_of, _valid_maddrs, check_reachability
+from swarm.transport import call_unary, listen_maddrs, start_p2p
+from swarm.wire import swarm_rpc_pb2 as pb
+from swarm.wire.rpc import RPC_REACHABILITY
 from swarm.server.config import ServerConfig
 
 pytestmark = pytest.mark.timeout(180)
@@ -184,3 +189,26 @@ def test_dial_back_targets_only_valid_direct_addresses():
     assert _ip_of("/dns/example.com/tcp/1") is None and _ip_of("/ip4/999.1.1.1/tcp/1") is None
     given = ["/ip4/1.2.3.4/tcp/1", "/ip4/1.2.3.4/udp/1/quic", "/ip4/1.2.3.4/tcp/1/p2p/Qm/p2p-circuit", "garbage"]
     assert _valid_maddrs(given + ["/ip4/1.2.3.4/tcp/2"] * 20) == ["/ip4/1.2.3.4/tcp/1"] + ["/ip4/1.2.3.4/tcp/2"] * 4
+
+
+def test_dial_back_reaches_caller_only_at_its_own_ip(local_swarm):
+    """swarm-dht dials a caller back at the IP it connects from, and never at an address elsewhere."""
+    peers = local_swarm.start_dht()
+    assert run_sync(check_reachability(peers, ["/ip4/127.0.0.1/tcp/0"], [])) is True
+
+    async def ask(maddrs_of: Callable[[list[str]], list[str]]) -> tuple[pb.ReachabilityResponse, float]:
+        """The checker's answer to a request for `maddrs_of(our addresses)`, and how long it took (s)."""
+        p2p = await start_p2p(peers, ["/ip4/127.0.0.1/tcp/0"])
+        try:
+            request = pb.ReachabilityRequest(maddrs=maddrs_of(await listen_maddrs(p2p)))
+            began = time.monotonic()
+            response = await call_unary(p2p, peers[0].rsplit("/p2p/", 1)[1], RPC_REACHABILITY, request,
+                                        pb.ReachabilityResponse, CHECK_TIMEOUT)
+            return response, time.monotonic() - began
+        finally:
+            await p2p.shutdown()
+
+    assert run_sync(ask(lambda own: own))[0].reachable
+    elsewhere, seconds = run_sync(ask(lambda own: ["/ip4/192.0.2.1/tcp/4001"]))  # TEST-NET-1: never routed
+    assert not elsewhere.reachable and not elsewhere.error
+    assert seconds < DIAL_BACK_TIMEOUT / 2  # answered without trying to dial there
