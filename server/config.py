@@ -45,6 +45,11 @@ class ServerConfig:
         ["/ip4/127.0.0.1/tcp/0"], "multiaddrs to listen on; use /ip4/0.0.0.0/tcp/PORT to be reachable from other machines"
     )
     announce_maddrs: list[str] = _field([], "multiaddrs to tell others, if they differ from --host-maddrs (e.g. behind NAT)")
+    relay: bool = _field(
+        True,
+        "use libp2p circuit relays: reach servers that others cannot dial through them, and if a dial-back "
+        "check by the initial peers finds this server undialable (NAT, firewall), serve through one of them",
+    )
     identity_path: str | None = _field(None, "file with this server's private key, for a stable peer id (created if missing)")
     dht_prefix: str | None = _field(None, "name of the model in the DHT; derived from the model's config and weights if not set")
     torch_dtype: str = _field("auto", "dtype of the blocks' weights; auto = float32 on CPU, the checkpoint's dtype on GPU", choices=DTYPES)

@@ -21,6 +21,7 @@ from swarm.errors import ConfigError
 from swarm.families import ModelFamily, family_of, load_config
 from swarm.model_id import model_dht_prefix, validate_dht_prefix
 from swarm.model_source import resolve_model
+from swarm.reachability import check_reachability
 from swarm.records import ModelRecord, ServerRecord, ServerState
 from swarm.version import __version__
 from swarm.wire import swarm_rpc_pb2 as pb
@@ -42,6 +43,10 @@ logger = logging.getLogger(__name__)
 OFFLINE_ANNOUNCE_TIMEOUT = 5.0  # seconds: shutting down must not hang on an unreachable DHT
 JOIN_JITTER = 1.0  # seconds: servers started together read the swarm at slightly different times
 MEMORY_HEADROOM = 0.9  # fraction of free memory that block weights may take
+
+
+def _is_loopback(maddr: str) -> bool:
+    return maddr.startswith(("/ip4/127.", "/ip6/::1/"))
 
 
 class Server:
@@ -69,8 +74,10 @@ class Server:
         if cfg.num_blocks is not None:
             self._check_memory(cfg.num_blocks)
         throughput = self._throughput()
+        relays = self._relays()
         self.dht, signer = swarm_dht.start_server_dht(
-            cfg.initial_peers, host_maddrs=cfg.host_maddrs, announce_maddrs=cfg.announce_maddrs, identity_path=cfg.identity_path
+            cfg.initial_peers, host_maddrs=cfg.host_maddrs, announce_maddrs=cfg.announce_maddrs, identity_path=cfg.identity_path,
+            use_relay=cfg.relay, relays=relays,
         )
         try:
             self.peer_id = swarm_dht.peer_id_of(self.dht)
@@ -87,6 +94,7 @@ class Server:
                 codecs=CODECS,
                 version=__version__,
                 public_name=cfg.public_name,
+                reachability="relay" if relays else "direct",
             )
             self.model_record = ModelRecord(
                 dht_prefix=self.dht_prefix, num_blocks=self.total_blocks, model_type=self.model_config.model_type
@@ -97,6 +105,25 @@ class Server:
             asyncio.run(self._serve())
         finally:
             self.dht.shutdown()
+
+    def _relays(self) -> list[str]:
+        """The relays to serve through (the initial peers) if peers cannot dial this server directly, else none."""
+        cfg = self.config
+        if not cfg.relay or not cfg.initial_peers:
+            return []
+        if all(_is_loopback(maddr) for maddr in [*cfg.initial_peers, *cfg.host_maddrs]):
+            return []  # the whole swarm is on this machine: every peer dials this one
+        reachable = asyncio.run(check_reachability(cfg.initial_peers, cfg.host_maddrs, cfg.announce_maddrs))
+        if reachable is None:
+            logger.warning("reachability: no initial peer could check it; assuming others can dial this server")
+            return []
+        if reachable:
+            logger.info("reachability: direct (the initial peers dialed this server)")
+            return []
+        if cfg.announce_maddrs:
+            logger.warning("reachability: peers could not dial --announce-maddrs; announcing relayed addresses instead")
+        logger.info("reachability: relay (the initial peers could not dial this server); serving through them as relays")
+        return list(cfg.initial_peers)
 
     def _choose_device_and_dtype(self) -> tuple[torch.device, torch.dtype]:
         cfg = self.config

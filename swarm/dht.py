@@ -13,6 +13,7 @@ import logging
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.multiaddr import Multiaddr
 
 from swarm.errors import ConfigError, SwarmError
+from swarm.reachability import serve_reachability_checks
 from swarm.records import (
     MODEL_INDEX_KEY,
     ModelRecord,
@@ -59,6 +61,25 @@ def _stdlib_event_loop() -> asyncio.AbstractEventLoop:
 # on call arguments of 16 KiB or more (notes/hivemind.md, trap 1). A stdlib loop avoids it.
 hivemind_dht_module.switch_to_uvloop = _stdlib_event_loop
 
+RELAY_WAIT = 30.0  # seconds a peer behind NAT waits for its relayed address; measured: the first query has it
+_make_p2pd_args = P2P._make_process_args
+
+
+def _p2pd_args_with_static_relays(*args: Any, **kwargs: Any) -> list[str]:
+    """p2pd's arguments, with relay discovery off whenever trusted relays are given.
+
+    hivemind's P2P.create (p2p_daemon.py:206 builds the arguments) cannot pass p2pd's -relayDiscovery,
+    which defaults to on. With discovery on, go-libp2p's autorelay waits for 4 relay candidates or
+    3 minutes before it reserves a slot on any of them (measured: no circuit address after 50 s with
+    one relay); with static relays only, it reserves at once.
+    """
+    if kwargs.get("trustedRelays"):
+        kwargs["relayDiscovery"] = False
+    return _make_p2pd_args(*args, **kwargs)
+
+
+P2P._make_process_args = staticmethod(_p2pd_args_with_static_relays)
+
 
 class _SubkeyedRecordsOnly(RecordValidatorBase):
     """Refuses values stored without a subkey, and values that expire more than MAX_EXPIRATION_AHEAD from now.
@@ -82,8 +103,16 @@ def start_dht(
     identity_path: str | None = None,
     identity_is_new: bool = False,
     client_mode: bool = False,
+    use_relay: bool = True,
+    relays: Sequence[str] = (),
 ) -> hivemind.DHT:
     """Start a DHT peer that signs its records; raise ConfigError if no initial peer answers.
+
+    `use_relay`: reach peers that others cannot dial through libp2p circuit relays (and, unless in
+    client mode, relay for them and answer their dial-back checks). `relays`: this peer cannot be
+    dialed itself; it reserves a slot on these relays and others reach it through them. Such a peer
+    is a DHT client (others could not reach it to ask it anything), and its announce addresses are
+    dropped: p2pd would announce them instead of the relays' (p2pd/main.go sets an AddrsFactory).
 
     Unreachable initial peers fail in bounded time with hivemind's defaults, so none are set here:
     a closed port fails in under 1 s, a port that accepts but never speaks in about 6 s (p2pd gives
@@ -91,15 +120,20 @@ def start_dht(
     DHTNode's `wait_timeout`, 3 s). Measured on loopback, hivemind 1.1.12.
     """
     check_maddrs(initial_peers, host_maddrs, announce_maddrs)
-    kwargs: dict[str, Any] = dict(host_maddrs=list(host_maddrs), client_mode=client_mode)
-    if announce_maddrs:
+    check_maddrs(relays)
+    if relays and not use_relay:
+        raise ConfigError("a peer that serves through relays needs use_relay")
+    kwargs: dict[str, Any] = dict(host_maddrs=list(host_maddrs), client_mode=client_mode or bool(relays), use_relay=use_relay)
+    if relays:
+        kwargs.update(use_auto_relay=True, force_reachability="private", trusted_relays=list(relays))
+    elif announce_maddrs:
         kwargs["announce_maddrs"] = list(announce_maddrs)
     if identity_path:
         kwargs["identity_path"] = identity_path
     if identity_is_new:  # nobody else can hold a key generated a moment ago: skip hivemind's 0.2 s check
         kwargs["check_if_identity_free"] = False
     try:
-        return hivemind.DHT(
+        dht = hivemind.DHT(
             initial_peers=list(initial_peers),
             start=True,
             record_validators=[RSASignatureValidator(), _SubkeyedRecordsOnly()],
@@ -110,6 +144,26 @@ def start_dht(
         if "bootstrap" in message or "initial_peers" in message:
             raise ConfigError(f"none of the initial peers answered: {', '.join(initial_peers)}") from None
         raise SwarmError(f"could not start the DHT peer: {message}") from None
+    if relays:
+        _wait_for_relay(dht, relays)
+    elif use_relay and not client_mode:
+        dht.run_coroutine(_serve_reachability_checks, return_future=True).result(DHT_CALL_TIMEOUT)
+    return dht
+
+
+async def _serve_reachability_checks(dht: hivemind.DHT, node: Any) -> None:
+    await serve_reachability_checks(node.p2p)  # in the DHT process, whose event loop serves for as long as it lives
+
+
+def _wait_for_relay(dht: hivemind.DHT, relays: Sequence[str]) -> None:
+    """Return once the peer announces a relayed address; SwarmError (and the DHT shut down) after RELAY_WAIT s."""
+    deadline = time.monotonic() + RELAY_WAIT
+    while not any("/p2p-circuit" in maddr for maddr in visible_maddrs(dht, latest=True)):
+        if time.monotonic() > deadline:
+            dht.shutdown()
+            raise SwarmError(f"no relay gave this peer a slot within {RELAY_WAIT:.0f} s (asked: {', '.join(relays)}); "
+                             "relays must have public IP addresses")
+        time.sleep(0.1)
 
 
 def start_server_dht(
@@ -118,6 +172,8 @@ def start_server_dht(
     host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
     announce_maddrs: Sequence[str] = (),
     identity_path: str | None = None,
+    use_relay: bool = True,
+    relays: Sequence[str] = (),
 ) -> tuple[hivemind.DHT, RecordSigner]:
     """A DHT peer that publishes records, and the signer of its libp2p identity (swarm.records).
 
@@ -131,7 +187,7 @@ def start_server_dht(
         if scratch is not None:
             P2P.generate_identity(path)
         dht = start_dht(initial_peers, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs, identity_path=path,
-                        identity_is_new=scratch is not None)
+                        identity_is_new=scratch is not None, use_relay=use_relay, relays=relays)
         identity = Path(path).read_bytes()
     finally:
         if scratch is not None:
@@ -179,8 +235,12 @@ def _check_maddr(maddr: str, flag: str, *, needs_peer_id: bool) -> None:
         raise ConfigError(f"{flag}: {maddr!r} has no /p2p/PEER_ID part naming the peer (e.g. {example})")
 
 
-def visible_maddrs(dht: hivemind.DHT) -> list[str]:
-    return [str(maddr) for maddr in dht.get_visible_maddrs()]
+def visible_maddrs(dht: hivemind.DHT, latest: bool = False) -> list[str]:
+    """The multiaddrs others can reach this peer at (with `latest`, asked from p2pd anew); may be empty."""
+    try:
+        return [str(maddr) for maddr in dht.get_visible_maddrs(latest=latest)]
+    except ValueError:  # hivemind raises it when p2pd reports no address (a peer behind NAT before its relay)
+        return []
 
 
 def peer_id_of(dht: hivemind.DHT) -> str:

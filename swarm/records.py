@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 RECORD_VERSION = 2  # 2: signed envelopes; readers drop version 1's unsigned values
 MODEL_INDEX_KEY = "_swarm.models"
+REACHABILITY = ("direct", "relay")  # how clients reach a server: dialling it, or through a libp2p circuit relay
 
 # Bounds on what a reader accepts. A 2048-bit RSA key is 299 bytes as a libp2p PublicKey and signs in
 # 256 bytes; a record's body is about 300 bytes (next_pings of 8 servers adds about 400).
@@ -303,6 +304,8 @@ def _check_field(name: str, value: Any) -> Any:
         raise InvalidRecord(f"field {name!r} is out of range")
     if isinstance(value, str) and len(value) > _MAX_STRING:
         raise InvalidRecord(f"field {name!r} is too long")
+    if name == "reachability" and value not in REACHABILITY:
+        raise InvalidRecord(f"reachability must be one of {', '.join(REACHABILITY)}")
     if isinstance(value, (list, tuple)):
         if len(value) > _MAX_LIST or not all(isinstance(item, str) and len(item) <= _MAX_STRING for item in value):
             raise InvalidRecord(f"field {name!r} must be a short list of short strings")

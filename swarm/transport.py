@@ -9,14 +9,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import TypeVar
 
 from google.protobuf.message import Message
-from hivemind.p2p import P2P, PeerID  # P2P is re-exported: the sides name the type from here
+from hivemind.p2p import P2P, P2PContext, PeerID  # P2P is re-exported: the sides name the type from here
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerError
+from hivemind.utils.multiaddr import Multiaddr
 
-from swarm.errors import CacheFull, InvalidRequest, PeerTimeout, RemoteError
+from swarm.errors import CacheFull, ConfigError, InvalidRequest, PeerTimeout, RemoteError, SwarmError
 from swarm.wire import swarm_rpc_pb2 as pb
 from swarm.wire.rpc import RPC_INFO
 
@@ -27,6 +28,58 @@ _TRANSPORT_ERRORS = (P2PDaemonError, P2PHandlerError, ConnectionError, EOFError,
 
 def peer_from_base58(peer_id: str) -> PeerID:
     return PeerID.from_base58(peer_id)
+
+
+def caller_of(context: P2PContext) -> str:
+    """The base58 peer id of whoever called a handler."""
+    return context.remote_id.to_base58()
+
+
+async def start_p2p(initial_peers: Sequence[str], host_maddrs: Sequence[str], announce_maddrs: Sequence[str] = ()) -> P2P:
+    """A short-lived P2P peer without a DHT that listens like a server would (for a reachability check).
+
+    ConfigError if none of the initial peers answers, as when starting the DHT peer.
+    """
+    try:
+        return await P2P.create(
+            initial_peers=list(initial_peers), host_maddrs=list(host_maddrs), announce_maddrs=list(announce_maddrs) or None,
+            dht_mode="client", use_relay=False, auto_nat=False, nat_port_map=False,
+        )
+    except P2PDaemonError as e:
+        if "bootstrap" in str(e):
+            raise ConfigError(f"none of the initial peers answered: {', '.join(initial_peers)}") from None
+        raise SwarmError(f"could not start a P2P peer: {str(e).strip().splitlines()[0]}") from None
+
+
+async def listen_maddrs(p2p: P2P) -> list[str]:
+    """The addresses `p2p` tells others to dial, without the /p2p/ID suffix (empty if it has none)."""
+    try:
+        maddrs = await p2p.get_visible_maddrs(latest=True)
+    except ValueError:  # hivemind raises it when the daemon reports no address
+        return []
+    return [str(maddr.decapsulate(Multiaddr(f"/p2p/{p2p.peer_id.to_base58()}"))) for maddr in maddrs]
+
+
+async def connection_maddrs(p2p: P2P, peer_id: str) -> list[str]:
+    """The remote addresses of `p2p`'s open connections to the peer (as p2pd's ListPeers reports them)."""
+    return [str(addr) for info in await p2p.list_peers() if info.peer_id.to_base58() == peer_id for addr in info.addrs]
+
+
+async def dial_directly(peer_id: str, maddrs: Sequence[str], timeout: float) -> bool:
+    """Whether a fresh peer that cannot use relays connects to `peer_id` at one of `maddrs` within `timeout` s.
+
+    A fresh peer, because the caller's own daemon already holds a connection (maybe relayed) to that
+    peer and would reuse it. libp2p's handshake checks that whoever answers is `peer_id`.
+    """
+    probe = await P2P.create(dht_mode="client", use_relay=False, auto_nat=False, nat_port_map=False, no_listen=True)
+    try:
+        # hivemind's P2P has no public connect(); its daemon client has (p2pclient.py:79).
+        await asyncio.wait_for(probe._client.connect(peer_from_base58(peer_id), [Multiaddr(m) for m in maddrs]), timeout)
+        return True
+    except (TimeoutError, *_TRANSPORT_ERRORS):
+        return False
+    finally:
+        await probe.shutdown()
 
 
 @contextlib.contextmanager

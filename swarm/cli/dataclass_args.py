@@ -1,7 +1,7 @@
 """Argparse options generated from a config dataclass, so that each default exists once.
 
 A field's `metadata` may hold `help`, `positional` (bool), `choices` and `metavar`; list fields
-take several values (`nargs="*"`), bool fields become flags.
+take several values (`nargs="*"`), bool fields become flags (`--x`; `--x/--no-x` if true by default).
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type)
             parser.add_argument(field.name, type=base, **kwargs)
             continue
         flag = "--" + field.name.replace("_", "-")
-        if base is bool:
+        if base is bool and default:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, **kwargs)
+        elif base is bool:
             parser.add_argument(flag, action="store_true", default=default, **kwargs)
         elif typing.get_origin(_strip_optional(hint)) in (list, tuple):
             parser.add_argument(flag, nargs="*", type=str, default=default, **kwargs)

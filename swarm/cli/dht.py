@@ -1,4 +1,4 @@
-"""swarm-dht: a bootstrap peer that others join; it stores records and serves no blocks."""
+"""swarm-dht: a bootstrap peer that others join; it stores records, relays for servers behind NAT, serves no blocks."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="swarm-dht",
         description="Run a DHT bootstrap peer for a Swarm. It prints the multiaddrs that servers and clients "
-        "pass as --initial-peers / initial_peers=[...].",
+        "pass as --initial-peers / initial_peers=[...]. It also checks whether starting servers can be dialed, and "
+        "relays (libp2p circuit relay) for those that cannot; for that, give it a public IP address.",
         epilog="example: swarm-dht --host-maddrs /ip4/0.0.0.0/tcp/31337 --identity-path bootstrap.id",
     )
     parser.add_argument("--host-maddrs", nargs="*", default=["/ip4/127.0.0.1/tcp/0"],

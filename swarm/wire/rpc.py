@@ -4,9 +4,11 @@
     swarm.forward     stream  frames of ForwardRequest -> frames of ForwardResponse
     swarm.inference   stream  frames of InferenceRequest (open, step...) -> frames of InferenceResponse
     swarm.backward    stream  frames of BackwardRequest -> frames of BackwardResponse
+    swarm.reachability unary ReachabilityRequest -> ReachabilityResponse (served by public peers, see swarm/reachability.py)
 """
 
 RPC_INFO = "swarm.info"
 RPC_FORWARD = "swarm.forward"
 RPC_INFERENCE = "swarm.inference"
 RPC_BACKWARD = "swarm.backward"
+RPC_REACHABILITY = "swarm.reachability"

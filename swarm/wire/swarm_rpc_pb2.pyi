@@ -250,3 +250,17 @@ class StepResult(_message.Message):
     position: int
     step_id: int
     def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., step_id: _Optional[int] = ...) -> None: ...
+
+class ReachabilityRequest(_message.Message):
+    __slots__ = ("maddrs",)
+    MADDRS_FIELD_NUMBER: _ClassVar[int]
+    maddrs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, maddrs: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReachabilityResponse(_message.Message):
+    __slots__ = ("reachable", "error")
+    REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    reachable: bool
+    error: str
+    def __init__(self, reachable: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
