@@ -31,6 +31,13 @@ class _Hop:
     def __init__(self, span: SpanSession):
         self.span = span
         self.chunks: list[tuple[int, torch.Tensor]] = []  # (position of first token, hidden states)
+        # Beam search: rows to permute the server's session by before the next step (batch,), or None.
+        self.pending_reorder: torch.Tensor | None = None
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Permute the session's rows: the kept inputs now, the server's cache with the next step."""
+        self.chunks = [(start, chunk[rows]) for start, chunk in self.chunks]
+        self.pending_reorder = rows if self.pending_reorder is None else self.pending_reorder[rows]
 
     @property
     def peer_id(self) -> str:
@@ -150,7 +157,8 @@ class InferenceSession:
         while index < len(self._hops):
             hop = self._hops[index]
             try:
-                output = await hop.span.step(hidden_states, position, new_mask)
+                output = await hop.span.step(hidden_states, position, new_mask, hop.pending_reorder)
+                hop.pending_reorder = None
                 await self._spot_check(hop, position, hidden_states, output, mask)
             except BLAMABLE as e:
                 failures += 1
@@ -184,6 +192,16 @@ class InferenceSession:
         history = hop.history(position)
         inputs = hidden_states if history is None else torch.cat([history, hidden_states], dim=1)
         await checker.verify(hop.peer_id, hop.span.start, hop.span.end, inputs, output, self.adapter, mask)
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Beam search: row i of the session becomes old row rows[i] (rows: (batch,) long). Costs no round
+        trip: the servers apply it with the next step; a replacement server replays reordered inputs."""
+        if tuple(rows.shape) != (self.batch_size,):
+            raise InvalidRequest(f"a reorder needs one row index per row of the session's batch {self.batch_size}")
+        for hop in self._hops:
+            hop.reorder(rows)
+        if self.padding_mask is not None:
+            self.padding_mask = self.padding_mask[rows]
 
     def close(self) -> None:
         hops, self._hops = self._hops, []

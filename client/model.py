@@ -95,8 +95,6 @@ class DistributedCausalLMMixin:
         Inside `inference_session()`, `inputs` may be None (continue after the previous call) or a
         sequence that extends what the session has seen; only the new tokens are sent.
         """
-        if kwargs.get("num_beams", 1) > 1:
-            raise InvalidRequest("beam search is not supported yet: use greedy decoding or sampling")
         if inputs is None:
             inputs = kwargs.pop("input_ids", None)
         session = session or self._active_session
@@ -108,7 +106,7 @@ class DistributedCausalLMMixin:
         max_length = kwargs.get("max_length") or prompt_length + (
             kwargs.get("max_new_tokens") or self.generation_config.max_new_tokens or self.generation_config.max_length
         )
-        with self.inference_session(max_length=max_length, batch_size=batch_size) as new_session:
+        with self.inference_session(max_length=max_length, batch_size=batch_size * self._rows_per_input(kwargs)) as new_session:
             return self._generate_in_session(new_session, inputs, *args, **kwargs)
 
     def forward(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, labels=None, **kwargs):  # noqa: ANN001, ANN003, ANN201
@@ -145,6 +143,14 @@ class DistributedCausalLMMixin:
             output.logits = output.logits[:, prefix:]
         return output
 
+    def _rows_per_input(self, kwargs: dict) -> int:
+        """How many rows generate() makes of each input: a beam each, or a sample per returned sequence."""
+        config = kwargs.get("generation_config") or self.generation_config
+        num_beams = kwargs.get("num_beams", config.num_beams) or 1
+        if num_beams > 1:
+            return num_beams
+        return kwargs.get("num_return_sequences", config.num_return_sequences) or 1
+
     def _generate_in_session(self, session: InferenceSession, inputs: torch.Tensor | None, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         if inputs is None:
             if session.last_output is None:
@@ -161,7 +167,8 @@ class DistributedCausalLMMixin:
             output = super().generate(inputs, *args, **cache, **kwargs)  # type: ignore[misc]
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
         seen = session.position - session.prefix_length
-        if sequences.shape[1] > inputs.shape[1] and seen != sequences.shape[1] - 1:
+        # A beam that finished early may leave the returned sequences shorter than the session, never longer.
+        if sequences.shape[1] > inputs.shape[1] and seen < sequences.shape[1] - 1:
             raise CacheNotPassed(
                 f"generate() returned {sequences.shape[1]} tokens per sequence but the servers' session saw {seen}: "
                 "its steps did not go through the session"

@@ -49,6 +49,10 @@ class RemoteCache(DynamicCache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.session.position - self.session.prefix_length
 
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search keeps the best rows: the servers' caches follow (with the next step)."""
+        self.session.reorder(beam_idx.cpu().long())
+
     @property
     def is_linear(self) -> list[bool]:
         """The remote layers hold attention keys and values, none is a linear (SSM) state.

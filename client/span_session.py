@@ -68,23 +68,30 @@ class SpanSession:
         if reply.opened.max_tokens_per_request:  # 0: a server from before the field, with the default limit
             self.max_tokens_per_step = reply.opened.max_tokens_per_request
 
-    async def step(self, hidden_states: torch.Tensor, position: int, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    async def step(
+        self, hidden_states: torch.Tensor, position: int, padding_mask: torch.Tensor | None = None,
+        reorder: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Send hidden states (batch, new_tokens, hidden) starting at `position`; get this span's output
         (same shape), in as many steps as the server's per-step token limit needs. `padding_mask`
-        (batch, new_tokens), True for real tokens, marks pads among the new tokens."""
+        (batch, new_tokens), True for real tokens, marks pads among the new tokens; `reorder` (batch,)
+        permutes the session's rows first (beam search)."""
         batch, new_tokens, _ = hidden_states.shape
         tokens_per_step = max(1, self.max_tokens_per_step // batch)
         outputs = []
         for offset in range(0, new_tokens, tokens_per_step):
             part = slice(offset, offset + tokens_per_step)
             mask = padding_mask[:, part] if padding_mask is not None else None
-            outputs.append(await self._step(hidden_states[:, part], position + offset, mask))
+            outputs.append(await self._step(hidden_states[:, part], position + offset, mask, reorder if offset == 0 else None))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
-    async def _step(self, hidden_states: torch.Tensor, position: int, padding_mask: torch.Tensor | None) -> torch.Tensor:
+    async def _step(
+        self, hidden_states: torch.Tensor, position: int, padding_mask: torch.Tensor | None, reorder: torch.Tensor | None
+    ) -> torch.Tensor:
         self._step_id += 1
         step = pb.InferenceStep(hidden_states=encode(hidden_states, self.codecs.send), position=position, step_id=self._step_id,
-                                attention_mask=encode_mask(padding_mask))
+                                attention_mask=encode_mask(padding_mask),
+                                reorder=reorder.tolist() if reorder is not None else [])
         self._send(pb.InferenceRequest(step=step))
         reply = await self._receive(STEP_TIMEOUT)
         if reply.WhichOneof("response") != "step" or reply.step.step_id != self._step_id:

@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import time
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -251,6 +251,10 @@ class SpanHandlers:
                     f"step to position {step.position + hidden.shape[1]} is past the session's max_length {opening.max_length}"
                 )
             new_mask = decode_mask(step.attention_mask, hidden.shape[0], hidden.shape[1])
+            if step.reorder:
+                rows = _check_reorder(step.reorder, opening.batch_size)
+                cache.reorder_cache(rows)
+                mask = mask[rows] if mask is not None else None
             if step.position < position:
                 cache.crop(step.position - position)  # crop takes a negative count: drop the last tokens
             position = step.position
@@ -344,6 +348,13 @@ async def _off_loop_if_large(elements: int, function: Callable[..., T], *args: A
     if elements < OFF_LOOP_ELEMENTS:
         return function(*args)
     return await asyncio.to_thread(function, *args)
+
+
+def _check_reorder(reorder: Sequence[int], batch_size: int) -> torch.Tensor:
+    """A beam-search reordering of the session's rows: one source row per row, each within the batch."""
+    if len(reorder) != batch_size or max(reorder) >= batch_size:
+        raise InvalidRequest(f"reorder must give one row in 0..{batch_size - 1} for each of the session's {batch_size} rows")
+    return torch.tensor(list(reorder), dtype=torch.long)
 
 
 def _cost(hidden: torch.Tensor, start: int, end: int) -> float:

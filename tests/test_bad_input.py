@@ -274,6 +274,11 @@ def step_request(position: int, tokens: int) -> pb.InferenceRequest:
     return pb.InferenceRequest(step=pb.InferenceStep(hidden_states=encode(torch.randn(1, tokens, HIDDEN)), position=position))
 
 
+def reordered(request: pb.InferenceRequest, rows: list[int]) -> pb.InferenceRequest:
+    request.step.reorder.extend(rows)
+    return request
+
+
 def bad_open(served: Served, max_length: int, batch_size: int, span: tuple[int, int] = (0, 3)) -> SwarmError:
     session = SpanSession(served.client.p2p, served.peer, *span, max_length, batch_size, RAW)
     try:
@@ -347,6 +352,8 @@ def test_bad_sessions_are_refused_while_another_client_decodes(served, bystander
         ([garbage], "malformed InferenceRequest"),
         ([open_request(), open_request()], "expected an inference step"),
         ([open_request(), garbage], "malformed InferenceRequest"),
+        ([open_request(), reordered(step_request(0, 1), [0, 0])], "reorder must give one row in 0..0 for each of the session's 1 rows"),
+        ([open_request(), reordered(step_request(0, 1), [3])], "reorder must give one row in 0..0"),
     ]
     for make_error, error_type, needle in client_side:
         began = time.monotonic()

@@ -93,3 +93,21 @@ def test_padded_forward_matches_local_on_real_tokens(family_swarm, side):
         expected, produced = local(ids, attention_mask=mask).logits, remote(ids, attention_mask=mask).logits
     real = mask.bool()
     torch.testing.assert_close(produced[real], expected[real], atol=1e-4, rtol=0)
+
+
+def test_beam_search_and_generate_outputs_match_local(family_swarm):
+    """Beam search reorders the servers' caches (with the next step, no extra round trip); dict outputs,
+    scores and several returned sequences come out as from local transformers."""
+    local, remote = family_swarm
+    ids = torch.randint(3, 211, (2, 5), generator=torch.Generator().manual_seed(23))
+    kwargs = dict(num_beams=3, num_return_sequences=2, max_new_tokens=7, do_sample=False, eos_token_id=None,
+                  return_dict_in_generate=True, output_scores=True)
+    expected, produced = local.generate(ids, **kwargs), remote.generate(ids, **kwargs)
+    assert torch.equal(produced.sequences, expected.sequences)
+    torch.testing.assert_close(produced.sequences_scores, expected.sequences_scores, atol=1e-4, rtol=0)
+
+    sample = dict(do_sample=True, num_return_sequences=3, max_new_tokens=6, top_k=10, eos_token_id=None)
+    torch.manual_seed(4)
+    expected = local.generate(ids, **sample)
+    torch.manual_seed(4)
+    assert torch.equal(remote.generate(ids, **sample), expected)
