@@ -134,17 +134,33 @@ class LocalSwarm:
         self.processes.append(health)
         health.wait_for_line("health page at")
         url = f"http://127.0.0.1:{port}/"
-        deadline = time.monotonic() + READY_TIMEOUT
-        while True:  # uvicorn binds just after that line
-            try:
-                urllib.request.urlopen(url + "metrics", timeout=5).read()
-                return url
-            except OSError:
-                if time.monotonic() > deadline or health.popen.poll() is not None:
-                    raise RuntimeError("swarm-health did not start:\n" + health.output()) from None
-                time.sleep(0.2)
+        _wait_until_serving(health, url + "metrics", "swarm-health")
+        return url
+
+    def start_api(self, model: str | Path, model_name: str, port: int) -> str:
+        """swarm-api on 127.0.0.1:`port` serving `model` as `model_name`; returns its base URL once it answers."""
+        api = ManagedProcess([sys.executable, "-m", "swarm.client.api_cli", str(model), "--model-name", model_name,
+                              "--initial-peers", *self.initial_peers, "--port", str(port)])
+        self.processes.append(api)
+        api.wait_for_line("OpenAI-compatible API at")
+        url = f"http://127.0.0.1:{port}/v1"
+        _wait_until_serving(api, url + "/models", "swarm-api")
+        return url
 
     def stop(self) -> None:
         for process in reversed(self.processes):
             process.stop()
         self.processes.clear()
+
+
+def _wait_until_serving(process: ManagedProcess, url: str, program: str) -> None:
+    """Return once `url` answers: uvicorn binds just after the program logs that it serves."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=5).read()
+            return
+        except OSError:
+            if time.monotonic() > deadline or process.popen.poll() is not None:
+                raise RuntimeError(f"{program} did not start:\n" + process.output()) from None
+            time.sleep(0.2)

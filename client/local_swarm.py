@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-threads", type=int, default=1, help="torch threads per server (default: 1)")
     parser.add_argument("--keep-running", action="store_true", help="leave the swarm up after the reply, with its health page, until Ctrl+C")
     parser.add_argument("--health-port", type=int, default=8000, help="port of the health page with --keep-running (default: 8000)")
+    parser.add_argument("--api-port", type=int, default=8080, help="port of the OpenAI-compatible API with --keep-running (default: 8080)")
     args = parser.parse_args(argv)
     configure_logging()
     swarm = LocalSwarm()
@@ -96,6 +97,8 @@ def _run(args: argparse.Namespace, swarm: LocalSwarm) -> None:
     if args.keep_running:
         url = swarm.start_health(args.health_port)
         print(f"\nHealth page: {url}  (JSON: {url}api/v1/state, Prometheus: {url}metrics)")
+        api = swarm.start_api(checkpoint, args.model, args.api_port)
+        print(f"OpenAI-compatible API: {api}  (model name {args.model!r}; e.g. openai.OpenAI(base_url={api!r}, api_key='-'))")
         print("The swarm keeps running; press Ctrl+C to stop it. Connect from Python with:")
         print("    from swarm import AutoDistributedModelForCausalLM")
         print(f"    model = AutoDistributedModelForCausalLM.from_pretrained({args.model!r}, initial_peers={swarm.initial_peers!r})")

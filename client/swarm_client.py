@@ -149,8 +149,12 @@ class SwarmClient:
             await asyncio.gather(*(self._ping(peer) for peer in stale))
 
     async def _ping(self, peer: str) -> None:
+        """Measure a round trip; a server that does not answer at all is banned like one that failed a
+        request, so that a dead server whose record has not expired yet is not chosen (and dialled) again."""
         seconds = await ping(self.p2p, peer, PING_TIMEOUT)
         self._rtt[peer] = (seconds if seconds is not None else PING_TIMEOUT, time.monotonic())
+        if seconds is None:
+            self.bans.ban(peer)
 
 
 async def _close_p2p(p2p: P2P) -> None:
