@@ -28,7 +28,8 @@ from swarm.families import ModelFamily, family_of, load_config
 from swarm.limits import ROUTE_WAIT
 from swarm.wire.codecs import DEFAULT_CODEC
 from swarm.model_id import model_dht_prefix, validate_dht_prefix
-from swarm.model_source import resolve_model
+from swarm.manifest import load_manifest, verify_tensor
+from swarm.model_source import cache_root, resolve_model
 from swarm.client.inference_session import InferenceSession
 from swarm.client.remote_sequential import (
     RemoteCache,
@@ -262,13 +263,16 @@ class AutoDistributedModelForCausalLM:
 
 
 def _load_local_weights(model: PreTrainedModel, checkpoint: Path, family: ModelFamily, dtype: torch.dtype) -> None:
-    """Load every tensor except the decoder layers' (embeddings, final norm, LM head)."""
+    """Load every tensor except the decoder layers' (embeddings, final norm, LM head), verified against the manifest."""
+    manifest = load_manifest(checkpoint, cache_root())
     state = {}
     for path in sorted(checkpoint.glob("*.safetensors")):
         with safe_open(path, framework="pt") as reader:
             for key in reader.keys():
                 if not key.startswith(family.layer_key_prefix):
-                    state[key] = reader.get_tensor(key).to(dtype)
+                    tensor = reader.get_tensor(key)
+                    verify_tensor(manifest, key, tensor, path)
+                    state[key] = tensor.to(dtype)
     model.load_state_dict(state, strict=False, assign=True)
     if model.config.tie_word_embeddings:
         model.tie_weights()

@@ -1,20 +1,26 @@
-"""Loading only the tensors of a span's blocks from a local safetensors checkpoint."""
+"""Loading only the tensors of a span's blocks from a local safetensors checkpoint, verified against
+the model's manifest. The folder may hold only some of the model's files (a server's blocks and the
+manifest), sharded or not."""
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import PretrainedConfig
 
 from swarm.errors import ConfigError
 from swarm.families import ModelFamily
+from swarm.manifest import load_manifest, safetensors_header, verify_tensor
+from swarm.model_source import cache_root
 from swarm.server.quantization import quantize_linear_layers
 
 logger = logging.getLogger(__name__)
@@ -38,16 +44,22 @@ def load_span_layers(
     """
     began = time.perf_counter()
     layer_class = family.layer_class(config)
+    manifest = load_manifest(checkpoint_dir, cache_root())
     files = _files_by_layer(checkpoint_dir, family, start, end)
     layers = nn.ModuleList()
     for index in range(start, end):
         prefix = f"{family.layer_key_prefix}{index}."
         state = {}
         for path in files[index]:
-            with safe_open(path, framework="pt") as reader:
+            with _opened(path) as reader:
                 for key in reader.keys():
                     if key.startswith(prefix):
-                        state[key.removeprefix(prefix)] = reader.get_tensor(key).to(dtype)
+                        tensor = reader.get_tensor(key)
+                        verify_tensor(manifest, key, tensor, path)
+                        state[key.removeprefix(prefix)] = tensor.to(dtype)
+        missing = sorted(name for name in manifest.tensors_of(f"block:{index}") if name.removeprefix(prefix) not in state)
+        if missing:
+            raise ConfigError(f"{checkpoint_dir} lacks {', '.join(missing[:3])} of block {index}")
         with torch.device("meta"):
             layer = layer_class(config, layer_idx=index)
         layer.load_state_dict(state, strict=True, assign=True)
@@ -57,20 +69,25 @@ def load_span_layers(
     return layers
 
 
+@contextlib.contextmanager
+def _opened(path: Path) -> Iterator[Any]:
+    """safe_open, with a damaged file reported as a ConfigError naming it."""
+    try:
+        with safe_open(path, framework="pt") as reader:
+            yield reader
+    except SafetensorError as e:
+        raise ConfigError(f"cannot read {path}: {e}") from None
+
+
 def _files_by_layer(checkpoint_dir: Path, family: ModelFamily, start: int, end: int) -> dict[int, set[Path]]:
     """Which safetensors files hold each layer's tensors (sharded or single-file checkpoints)."""
-    index_path = checkpoint_dir / "model.safetensors.index.json"
-    if index_path.exists():
-        weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
-        key_files = {key: checkpoint_dir / name for key, name in weight_map.items()}
-    else:
-        files = sorted(checkpoint_dir.glob("*.safetensors"))
-        if not files:
-            raise ConfigError(f"no *.safetensors weights in {checkpoint_dir}")
-        key_files = {}
-        for path in files:
-            with safe_open(path, framework="pt") as reader:
-                key_files.update({key: path for key in reader.keys()})
+    files = sorted(checkpoint_dir.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"no *.safetensors weights in {checkpoint_dir}")
+    key_files = {}
+    for path in files:  # the files present, whatever an index says: a server may hold only its shards
+        header, _ = safetensors_header(path)
+        key_files.update({key: path for key in header})
     by_layer: dict[int, set[Path]] = defaultdict(set)
     for key, path in key_files.items():
         if key.startswith(family.layer_key_prefix):
