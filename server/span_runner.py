@@ -30,6 +30,7 @@ class SpanRunner(nn.Module):
         self.end = start + len(layers)
         self.layers = layers
         self.rotary = family.rotary_class(config)(config=config)
+        self.rotary_per_attention_kind = family.rotary_per_attention_kind
         self.attention_kinds = family.attention_kinds(config)
         self.layer_cache_argument = cache_argument(type(layers[0]).forward)
         norm_weight: torch.Tensor = layers[0].input_layernorm.weight  # type: ignore[union-attr, assignment]
@@ -60,11 +61,13 @@ class SpanRunner(nn.Module):
         hidden_states = hidden_states.to(self.compute_dtype)
         seq_len = hidden_states.shape[1]
         position_ids = torch.arange(position, position + seq_len, device=hidden_states.device)[None]
-        position_embeddings = self.rotary(hidden_states, position_ids)
-        masks = {}
+        # (cos, sin), each (1, new_tokens, rotary_dim): one table for all layers, or one per attention kind
+        shared = None if self.rotary_per_attention_kind else self.rotary(hidden_states, position_ids)
+        masks, rotary = {}, {}  # by attention kind
         for index in range(start, end):
             kind = self.attention_kinds[index]
             if kind not in masks:
+                rotary[kind] = shared if shared is not None else self.rotary(hidden_states, position_ids, kind)
                 build = _MASK_BUILDERS.get(kind, create_causal_mask)
                 masks[kind] = build(
                     config=self.config,
@@ -78,7 +81,7 @@ class SpanRunner(nn.Module):
             hidden_states = self.layers[index - self.start](
                 hidden_states,
                 attention_mask=masks[self.attention_kinds[index]],
-                position_embeddings=position_embeddings,
+                position_embeddings=rotary[self.attention_kinds[index]],
                 **{self.layer_cache_argument: cache},
             )
         return hidden_states
