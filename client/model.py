@@ -21,6 +21,7 @@ from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
 
 from swarm.cache_argument import cache_argument
+from swarm.checkpoint_format import convert_tensors
 from swarm.errors import CacheNotPassed, ConfigError, InvalidRequest
 from swarm.families import ModelFamily, family_of, load_config
 from swarm.limits import ROUTE_WAIT
@@ -256,7 +257,7 @@ def _load_local_weights(model: PreTrainedModel, checkpoint: Path, family: ModelF
             for key in reader.keys():
                 if not key.startswith(family.layer_key_prefix):
                     state[key] = reader.get_tensor(key).to(dtype)
-    model.load_state_dict(state, strict=False, assign=True)
+    model.load_state_dict(convert_tensors(model.config, state), strict=False, assign=True)
     if model.config.tie_word_embeddings:
         model.tie_weights()
     still_meta = [name for name, tensor in model.state_dict().items() if tensor.is_meta]

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import PretrainedConfig
 
+from swarm.checkpoint_format import convert_tensors
 from swarm.errors import ConfigError
 from swarm.families import ModelFamily
 from swarm.server.quantization import quantize_linear_layers
@@ -32,6 +33,7 @@ def load_span_layers(
 ) -> nn.ModuleList:
     """Build decoder layers [start, end) with their absolute indices and load only their weights.
 
+    The checkpoint's tensors are converted as transformers' loading would (swarm.checkpoint_format).
     Layers are built on the meta device and take the checkpoint's tensors with `assign=True`,
     so no memory is spent on a random initialisation that would be overwritten. Each layer is
     moved (and quantized) before the next is read, so peak memory stays near one layer in dtype.
@@ -42,12 +44,13 @@ def load_span_layers(
     layers = nn.ModuleList()
     for index in range(start, end):
         prefix = f"{family.layer_key_prefix}{index}."
-        state = {}
+        stored = {}
         for path in files[index]:
             with safe_open(path, framework="pt") as reader:
                 for key in reader.keys():
                     if key.startswith(prefix):
-                        state[key.removeprefix(prefix)] = reader.get_tensor(key).to(dtype)
+                        stored[key] = reader.get_tensor(key).to(dtype)
+        state = {key.removeprefix(prefix): tensor for key, tensor in convert_tensors(config, stored).items()}
         with torch.device("meta"):
             layer = layer_class(config, layer_idx=index)
         layer.load_state_dict(state, strict=True, assign=True)
