@@ -129,8 +129,8 @@ def family_of(config: PretrainedConfig) -> ModelFamily:
     if family is not None and not problems:
         return family
     if family is None and not problems:
-        problems = [f"a line in swarm.families.FAMILIES (its transformers classes look standard; add the line and a "
-                    f"tiny model to tests/conftest.py TINY_CONFIGS so the parity suite covers it)"]
+        problems = ["missing its line in swarm.families.FAMILIES (its transformers classes look standard: add the line, "
+                    "and a tiny model to TINY_CONFIGS in tests/conftest.py so that the parity suite covers it)"]
     raise ConfigError(f"model type {model_type!r} is not supported: {'; '.join(problems)} "
                       f"(supported: {', '.join(FAMILIES)})")
 
