@@ -54,7 +54,7 @@ def test_all_linear_lora_targets_each_familys_own_linear_layers():
 
 
 @pytest.mark.parametrize(("targets", "parameters", "message"), [
-    ("all-linear", None, r"'all-linear' would also adapt weights outside linear layers \(mlp.gate.weight, mlp.experts"),
+    ("all-linear", None, r"'all-linear' would also adapt weights outside linear layers \(mlp.experts.down_proj, mlp.experts.gate_up_proj, mlp.gate.weight;"),
     (["q_proj", "gate"], None, r"name modules that are not linear layers \(mlp.gate\)"),
     (["q_proj"], ["mlp.experts.down_proj"], r"LoRA on parameters \(target_parameters="),
 ])
