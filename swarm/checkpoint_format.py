@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from concurrent.futures import Future
 
 import torch
 from transformers import PretrainedConfig
@@ -37,7 +38,9 @@ def convert_tensors(config: PretrainedConfig, tensors: Mapping[str, torch.Tensor
             converted[target] = tensors[key]
             continue
         converter = pending.setdefault(target, copy.deepcopy(by_pattern[pattern]))
-        converter.add_tensor(target, key, pattern, lambda tensor=tensors[key]: tensor)  # a callable: read at convert
+        loaded: Future[torch.Tensor] = Future()  # what transformers' own (threaded) loading hands a converter
+        loaded.set_result(tensors[key])
+        converter.add_tensor(target, key, pattern, loaded)
     for target, converter in pending.items():
         converted.update(converter.convert(target))
     return converted

@@ -97,6 +97,8 @@ class ModelFamily:
 
     def _layer_class_name(self, config: PretrainedConfig) -> str:
         names = self.causal_lm_class(config)._no_split_modules
+        if not names:
+            raise ConfigError(f"{self.causal_lm_class(config).__name__} does not name its decoder layer class")
         return sorted(names)[0] if isinstance(names, set) else names[0]
 
     def _rotary_class_name(self, config: PretrainedConfig) -> str:
