@@ -85,9 +85,11 @@ class ModelFamily:
                       if name not in arguments]
         if not hasattr(module, rotary_name):
             found.append(f"rotary-embedding class {rotary_name} in {module.__name__}")
-        elif ("layer_type" in inspect.signature(getattr(module, rotary_name).forward).parameters) != self.rotary_per_attention_kind:
-            found.append(f"rotary_per_attention_kind={not self.rotary_per_attention_kind} in its family entry "
-                         f"({rotary_name}.forward {'takes' if not self.rotary_per_attention_kind else 'lacks'} a layer_type)")
+        else:
+            per_kind = "layer_type" in inspect.signature(getattr(module, rotary_name).forward).parameters
+            if per_kind != self.rotary_per_attention_kind:
+                found.append(f"rotary_per_attention_kind={per_kind} in its family entry "
+                             f"({rotary_name}.forward {'takes' if per_kind else 'lacks'} a layer_type)")
         unknown = sorted(set(self.attention_kinds(config)) - set(ATTENTION_KINDS))
         if unknown:
             found.append(f"a causal mask for layer types {unknown} (the span runner builds {list(ATTENTION_KINDS)})")

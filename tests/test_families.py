@@ -27,7 +27,8 @@ def test_every_tested_family_is_in_the_table():
 
 
 @pytest.mark.parametrize(("model_type", "missing"), [
-    ("gpt2", "missing argument 'position_embeddings' of GPT2Block.forward; missing rotary-embedding class GPT2BlockRotaryEmbedding"),
+    ("gpt2", "missing argument 'position_embeddings' of GPT2Block.forward; "
+             "missing rotary-embedding class GPT2BlockRotaryEmbedding"),
     ("vit", "transformers has no causal-LM class for it"),
     ("llama4_text", "missing a causal mask for layer types ['chunked_attention']"),
     ("olmo2", "missing its line in swarm.families.FAMILIES"),
@@ -39,7 +40,9 @@ def test_unsupported_model_types_are_refused_naming_what_is_missing(model_type, 
     assert "(supported: llama, " in str(error.value)
 
 
-@pytest.mark.parametrize(("model_type", "flag"), [("gemma3_text", "use_bidirectional_attention"), ("mixtral", "output_router_logits")])
+@pytest.mark.parametrize(("model_type", "flag"), [
+    ("gemma3_text", "use_bidirectional_attention"), ("mixtral", "output_router_logits"),
+])
 def test_flags_that_spans_cannot_follow_are_refused(model_type, flag):
     with pytest.raises(ConfigError, match=f"config flag {flag}=True is not supported"):
         family_of(AutoConfig.for_model(model_type, **{flag: True}))
@@ -54,7 +57,8 @@ def test_all_linear_lora_targets_each_familys_own_linear_layers():
 
 
 @pytest.mark.parametrize(("targets", "parameters", "message"), [
-    ("all-linear", None, r"'all-linear' would also adapt weights outside linear layers \(mlp.experts.down_proj, mlp.experts.gate_up_proj, mlp.gate.weight;"),
+    ("all-linear", None,
+     r"'all-linear' would also adapt weights outside linear layers \(mlp.experts.down_proj, mlp.experts.gate_up_proj, mlp.gate.weight;"),
     (["q_proj", "gate"], None, r"name modules that are not linear layers \(mlp.gate\)"),
     (["q_proj"], ["mlp.experts.down_proj"], r"LoRA on parameters \(target_parameters="),
 ])

@@ -20,7 +20,9 @@ from swarm.client.local_processes import LocalSwarm
 
 pytestmark = pytest.mark.timeout(300)
 
-PHI3_FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+PHI3_FUSED = {
+    "q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj",
+}
 
 
 def targets(path, *names: str) -> list[str]:  # noqa: ANN001
