@@ -71,6 +71,8 @@ class ModelFamily:
         """What this transformers architecture lacks for Swarm to run its layers in spans (empty: nothing)."""
         if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
             return ["transformers has no causal-LM class for it"]
+        if not hasattr(config, "num_hidden_layers"):  # e.g. Gemma 3's image-text model: its text model is gemma3_text
+            return ["missing a num_hidden_layers in its config (a composite model: serve its text model)"]
         model_class = self.causal_lm_class(config)
         module = self._modeling_module(config)
         if not model_class._no_split_modules:

@@ -30,6 +30,7 @@ def test_every_tested_family_is_in_the_table():
     ("gpt2", "missing argument 'position_embeddings' of GPT2Block.forward; "
              "missing rotary-embedding class GPT2BlockRotaryEmbedding"),
     ("vit", "transformers has no causal-LM class for it"),
+    ("gemma3", "missing a num_hidden_layers in its config (a composite model: serve its text model)"),
     ("llama4_text", "missing a causal mask for layer types ['chunked_attention']"),
     ("olmo2", "missing its line in swarm.families.FAMILIES"),
 ])
