@@ -18,6 +18,7 @@ import torch
 from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
+from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PretrainedConfig
@@ -48,7 +49,7 @@ class RemoteLora(nn.Module):
         with torch.device("meta"):
             layer = family.layer_class(model_config)(model_config, layer_idx=0)
         linears = {name: module for name, module in layer.named_modules() if isinstance(module, nn.Linear)}
-        matching = _matching_config(peft_config, layer, linears, family.layer_key_prefix)
+        matching = _matching_config(peft_config, model_config, layer, linears, family.layer_key_prefix)
         for block in range(model_config.num_hidden_layers):
             for path, linear in linears.items():
                 if not check_target_module_exists(matching, f"{family.layer_key_prefix}{block}.{path}"):
@@ -122,24 +123,36 @@ class RemoteLora(nn.Module):
         return lora
 
 
-def _matching_config(peft_config: LoraConfig, layer: nn.Module, linears: dict[str, nn.Module], prefix: str) -> LoraConfig:
+def _matching_config(peft_config: LoraConfig, model_config: PretrainedConfig, layer: nn.Module,
+                     linears: dict[str, nn.Module], prefix: str) -> LoraConfig:
     """The config whose targets are matched against a block's linear layers (`linears`, by path in `layer`).
 
-    ConfigError if it would target anything else, which peft adapts but remote blocks cannot: weights
-    held outside linear layers, such as a mixture of experts' stacked matrices and router.
+    ConfigError if peft would adapt anything else here, which remote blocks cannot: weights held
+    outside linear layers, such as a mixture of experts' stacked matrices and router. peft itself
+    says which (it rewrites the targets of such models for transformers 5's layouts), asked about
+    one block under its checkpoint prefix.
     """
-    if getattr(peft_config, "target_parameters", None):
-        raise ConfigError(f"LoRA on parameters (target_parameters={sorted(peft_config.target_parameters)}) is not "
-                          f"supported by remote blocks; target their linear layers: {', '.join(sorted(linears))}")
+    view = nn.Module()  # one block at `prefix`0, with the config peft reads the model type from
+    parent = view
+    *outer, last = prefix.rstrip(".").split(".")
+    for name in outer:
+        parent.add_module(name, nn.Module())
+        parent = parent.get_submodule(name)
+    parent.add_module(last, nn.ModuleList([layer]))
+    view.config = model_config
+    probe = copy.deepcopy(peft_config)
+    try:
+        convert_peft_config_for_transformers(probe, model=view, conversions=None)
+    except ValueError as e:  # e.g. one of two projections that transformers 5 fuses into one expert weight
+        raise ConfigError(f"target_modules {peft_config.target_modules!r}: {e}") from None
+    if probe.target_parameters:
+        raise ConfigError(f"peft would adapt {', '.join(sorted(probe.target_parameters))} here, weights outside linear "
+                          "layers (a mixture of experts' stacked matrices or router), which remote blocks cannot adapt; "
+                          f"target their linear layers: {', '.join(sorted(linears))}")
     targets = peft_config.target_modules
     if isinstance(targets, str) and targets.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND:
         # peft's "all-linear": every linear layer but the LM head, so every one in the blocks, whatever the
         # family calls them (Phi-3 fuses qkv_proj and gate_up_proj)
-        others = sorted(name for name, weight in layer.named_parameters() if weight.dim() > 1 and name.rpartition(".")[0] not in linears)
-        if others:
-            raise ConfigError(f"target_modules='all-linear' would also adapt weights outside linear layers ({', '.join(others)}; "
-                              "peft adds them as target_parameters), which remote blocks do not support; list the linear "
-                              f"layers instead: {', '.join(sorted(linears))}")
         matching = copy.copy(peft_config)
         matching.target_modules = set(linears)
         return matching

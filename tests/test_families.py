@@ -57,14 +57,26 @@ def test_all_linear_lora_targets_each_familys_own_linear_layers():
     }
 
 
-@pytest.mark.parametrize(("targets", "parameters", "message"), [
-    ("all-linear", None,
-     r"'all-linear' would also adapt weights outside linear layers \(mlp.experts.down_proj, mlp.experts.gate_up_proj, mlp.gate.weight;"),
-    (["q_proj", "gate"], None, r"name modules that are not linear layers \(mlp.gate\)"),
-    (["q_proj"], ["mlp.experts.down_proj"], r"LoRA on parameters \(target_parameters="),
+@pytest.mark.parametrize(("targets", "parameters", "adapted"), [
+    ("all-linear", None, "down_proj, gate.weight, gate_up_proj"),
+    (["q_proj", "gate"], None, "gate.weight"),
+    (["q_proj", "w1", "w3"], None, "gate_up_proj"),  # transformers 4 names of the experts, which peft maps
+    (["q_proj"], ["mlp.experts.down_proj"], "mlp.experts.down_proj"),
 ])
-def test_lora_on_experts_is_refused_not_ignored(targets, parameters, message):
+def test_lora_on_experts_is_refused_not_ignored(targets, parameters, adapted):
     """peft adapts a mixture of experts' stacked weights and router; remote blocks cannot, so they say so."""
     config = TINY_CONFIGS["mixtral"]()
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=f"peft would adapt {adapted} here, weights outside linear layers"):
         RemoteLora(LoraConfig(r=2, target_modules=targets, target_parameters=parameters), config, family_of(config))
+
+
+def test_lora_on_mixtral_attention_is_accepted():
+    config = TINY_CONFIGS["mixtral"]()
+    lora = RemoteLora(LoraConfig(r=2, target_modules=["q_proj", "o_proj", "down_proj"]), config, family_of(config))
+    assert {path for block, path in lora.targets if block == 0} == {"self_attn.q_proj", "self_attn.o_proj"}
+
+
+def test_half_of_a_fused_expert_projection_is_a_config_error():
+    config = TINY_CONFIGS["mixtral"]()
+    with pytest.raises(ConfigError, match="without also targeting w3"):
+        RemoteLora(LoraConfig(r=2, target_modules=["q_proj", "w1"]), config, family_of(config))
