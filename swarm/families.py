@@ -31,6 +31,8 @@ ATTENTION_KINDS = (FULL_ATTENTION, SLIDING_ATTENTION)  # the kinds the span runn
 
 @dataclasses.dataclass(frozen=True)
 class ModelFamily:
+    """One transformers architecture: only what differs from the defaults, as data."""
+
     model_type: str
     layer_key_prefix: str = "model.layers."  # checkpoint keys of block i start with f"{prefix}{i}."
     # The rotary embedding keeps one table per attention kind and takes the kind as a third argument
