@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from swarm import AutoDistributedModelForCausalLM
+from swarm.errors import InvalidRequest
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -64,3 +65,13 @@ def test_session_reused_across_generate_calls(family_swarm):
         assert len(remote.route) == 3
     assert torch.equal(first, expected[:, : first.shape[1]])
     assert torch.equal(second, expected)
+
+
+def test_router_logits_are_refused_not_left_empty(family_swarm):
+    """A mixture of experts routes on the servers, which return hidden states only: asking for the
+    router logits (for the load-balancing loss) is an error, never a loss computed without them."""
+    local, remote = family_swarm
+    if "output_router_logits" not in local.config:
+        pytest.skip("not a mixture of experts")
+    with pytest.raises(InvalidRequest, match="output_router_logits is not supported"):
+        remote(torch.tensor([[5, 6, 7]]), output_router_logits=True)
