@@ -1,9 +1,10 @@
 """Running a contiguous range of decoder layers on hidden states, with or without a KV cache.
 
 Follows the recipe verified in notes/transformers-spans.md: layers keep their absolute indices,
-rotary embeddings come from the config (one table per attention kind where the family has two: Gemma 3), positions come from the session's own counter (never
-from `cache.get_seq_length()`), and each attention kind's mask is built with `layer_idx` set to
-the first layer of that kind in the span, so a span cache that starts at block k>0 is masked right.
+rotary embeddings come from the config (one table per attention kind where the family has two, as
+Gemma 3 does), positions come from the session's own counter (never from `cache.get_seq_length()`),
+and each attention kind's mask is built with `layer_idx` set to the first layer of that kind in
+the span, so a span cache that starts at block k>0 is masked right.
 The cache goes to layers and mask builders under the name their signatures give (swarm.cache_argument).
 """
 
