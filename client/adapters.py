@@ -10,12 +10,15 @@ plain local peft model, and one trained with peft loads here.
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
 import torch
 from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
+from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
+from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PretrainedConfig
@@ -46,9 +49,10 @@ class RemoteLora(nn.Module):
         with torch.device("meta"):
             layer = family.layer_class(model_config)(model_config, layer_idx=0)
         linears = {name: module for name, module in layer.named_modules() if isinstance(module, nn.Linear)}
+        matching = _matching_config(peft_config, model_config, layer, linears, family.layer_key_prefix)
         for block in range(model_config.num_hidden_layers):
             for path, linear in linears.items():
-                if not check_target_module_exists(peft_config, f"{family.layer_key_prefix}{block}.{path}"):
+                if not check_target_module_exists(matching, f"{family.layer_key_prefix}{block}.{path}"):
                     continue
                 self.targets.append((block, path))
                 lora_a = torch.empty(self.rank, linear.in_features)
@@ -117,6 +121,47 @@ class RemoteLora(nn.Module):
         lora = cls(LoraConfig.from_pretrained(str(directory)), model_config, family)
         lora.load_peft_state_dict(load_file(str(directory / PEFT_WEIGHTS)), str(directory))
         return lora
+
+
+def _matching_config(peft_config: LoraConfig, model_config: PretrainedConfig, layer: nn.Module,
+                     linears: dict[str, nn.Module], prefix: str) -> LoraConfig:
+    """The config whose targets are matched against a block's linear layers (`linears`, by path in `layer`).
+
+    ConfigError if peft would adapt anything else here, which remote blocks cannot: weights held
+    outside linear layers, such as a mixture of experts' stacked matrices and router. peft itself
+    says which (it rewrites the targets of such models for transformers 5's layouts), asked about
+    one block under its checkpoint prefix.
+    """
+    view = nn.Module()  # one block at `prefix`0, with the config peft reads the model type from
+    parent = view
+    *outer, last = prefix.rstrip(".").split(".")
+    for name in outer:
+        parent.add_module(name, nn.Module())
+        parent = parent.get_submodule(name)
+    parent.add_module(last, nn.ModuleList([layer]))
+    view.config = model_config
+    probe = copy.deepcopy(peft_config)
+    try:
+        convert_peft_config_for_transformers(probe, model=view, conversions=None)
+    except ValueError as e:  # e.g. one of two projections that transformers 5 fuses into one expert weight
+        raise ConfigError(f"target_modules {peft_config.target_modules!r}: {e}") from None
+    if probe.target_parameters:
+        raise ConfigError(f"peft would adapt {', '.join(sorted(probe.target_parameters))} here, weights outside linear "
+                          "layers (a mixture of experts' stacked matrices or router), which remote blocks cannot adapt; "
+                          f"target their linear layers: {', '.join(sorted(linears))}")
+    targets = peft_config.target_modules
+    if isinstance(targets, str) and targets.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND:
+        # peft's "all-linear": every linear layer but the LM head, so every one in the blocks, whatever the
+        # family calls them (Phi-3 fuses qkv_proj and gate_up_proj)
+        matching = copy.copy(peft_config)
+        matching.target_modules = set(linears)
+        return matching
+    not_linear = [name for name, module in layer.named_modules()
+                  if name and name not in linears and check_target_module_exists(peft_config, f"{prefix}0.{name}")]
+    if not_linear:
+        raise ConfigError(f"target_modules {targets!r} name modules that are not linear layers ({', '.join(not_linear)}), "
+                          f"which remote blocks cannot adapt; their linear layers: {', '.join(sorted(linears))}")
+    return peft_config
 
 
 def _key(block: int, path: str, kind: str) -> str:

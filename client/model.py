@@ -23,6 +23,7 @@ from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
 
 from swarm.cache_argument import cache_argument
+from swarm.checkpoint_format import convert_tensors
 from swarm.errors import CacheNotPassed, ConfigError, InvalidRequest
 from swarm.families import ModelFamily, family_of, load_config
 from swarm.limits import ROUTE_WAIT
@@ -119,6 +120,9 @@ class DistributedCausalLMMixin:
         A padded batch (left or right) works as in transformers: the 2D attention mask goes to the
         servers, which mask the pads and number each row's positions from its first real token.
         """
+        if kwargs.get("output_router_logits"):
+            raise InvalidRequest("output_router_logits is not supported: the experts' routers run on the servers, "
+                                 "which return hidden states only")
         cache = find_remote_cache((), kwargs)
         require_session_cache(cache)
         session = cache.session if cache is not None else None
@@ -248,8 +252,7 @@ class AutoDistributedModelForCausalLM:
         )
         distributed.model.layers = nn.ModuleList([RemoteSequential(client, distributed.request_adapter)])
         _load_local_weights(distributed, checkpoint, family, torch_dtype)
-        # Rotary buffers are not in the checkpoint and must not be built on meta (transformers-spans §6).
-        distributed.model.rotary_emb = family.rotary_class(config)(config=config)
+        _initialize_buffers(distributed)
         if (checkpoint / "generation_config.json").exists():
             distributed.generation_config = GenerationConfig.from_pretrained(checkpoint)
         distributed.swarm_client = client
@@ -273,9 +276,24 @@ def _load_local_weights(model: PreTrainedModel, checkpoint: Path, family: ModelF
                     tensor = reader.get_tensor(key)
                     verify_tensor(manifest, key, tensor, path)
                     state[key] = tensor.to(dtype)
-    model.load_state_dict(state, strict=False, assign=True)
+    model.load_state_dict(convert_tensors(model.config, state), strict=False, assign=True)
     if model.config.tie_word_embeddings:
         model.tie_weights()
     still_meta = [name for name, tensor in model.state_dict().items() if tensor.is_meta]
     if still_meta:
         raise ConfigError(f"the checkpoint in {checkpoint} lacks {', '.join(still_meta[:5])}")
+
+
+def _initialize_buffers(model: PreTrainedModel) -> None:
+    """Compute the buffers that are not in the checkpoint: rotary tables, Gemma's embedding scale.
+
+    The model was built on meta, where they cannot be computed (transformers-spans §6). They get
+    real storage and transformers' own initialisation, which skips every tensor marked as loaded,
+    so no family needs to say which buffers it has or how they are made.
+    """
+    for tensor in model.state_dict(keep_vars=True).values():
+        tensor._is_hf_initialized = True  # transformers' mark for "loaded: do not initialise"
+    for name, buffer in list(model.named_non_persistent_buffers()):
+        owner, _, attribute = name.rpartition(".")
+        model.get_submodule(owner).register_buffer(attribute, torch.empty_like(buffer, device="cpu"), persistent=False)
+    model.initialize_weights()

@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import PretrainedConfig
 
+from swarm.checkpoint_format import convert_tensors
 from swarm.errors import ConfigError
 from swarm.families import ModelFamily
 from swarm.manifest import load_manifest, safetensors_header, verify_tensor
@@ -38,6 +39,7 @@ def load_span_layers(
 ) -> nn.ModuleList:
     """Build decoder layers [start, end) with their absolute indices and load only their weights.
 
+    The checkpoint's tensors are converted as transformers' loading would (swarm.checkpoint_format).
     Layers are built on the meta device and take the checkpoint's tensors with `assign=True`,
     so no memory is spent on a random initialisation that would be overwritten. Each layer is
     moved (and quantized) before the next is read, so peak memory stays near one layer in dtype.
@@ -49,17 +51,18 @@ def load_span_layers(
     layers = nn.ModuleList()
     for index in range(start, end):
         prefix = f"{family.layer_key_prefix}{index}."
-        state = {}
+        stored = {}
         for path in files[index]:
             with _opened(path) as reader:
                 for key in reader.keys():
                     if key.startswith(prefix):
                         tensor = reader.get_tensor(key)
-                        verify_tensor(manifest, key, tensor, path)
-                        state[key.removeprefix(prefix)] = tensor.to(dtype)
-        missing = sorted(name for name in manifest.tensors_of(f"block:{index}") if name.removeprefix(prefix) not in state)
+                        verify_tensor(manifest, key, tensor, path)  # as stored, before any conversion
+                        stored[key] = tensor.to(dtype)
+        missing = sorted(name for name in manifest.tensors_of(f"block:{index}") if name not in stored)
         if missing:
             raise ConfigError(f"{checkpoint_dir} lacks {', '.join(missing[:3])} of block {index}")
+        state = {key.removeprefix(prefix): tensor for key, tensor in convert_tensors(config, stored).items()}
         with torch.device("meta"):
             layer = layer_class(config, layer_idx=index)
         layer.load_state_dict(state, strict=True, assign=True)

@@ -1,9 +1,10 @@
 """Running a contiguous range of decoder layers on hidden states, with or without a KV cache.
 
 Follows the recipe verified in notes/transformers-spans.md: layers keep their absolute indices,
-rotary embeddings come from the config, positions come from the session's own counter (never
-from `cache.get_seq_length()`), and each attention kind's mask is built with `layer_idx` set to
-the first layer of that kind in the span, so a span cache that starts at block k>0 is masked right.
+rotary embeddings come from the config (one table per attention kind where the family has two, as
+Gemma 3 does), positions come from the session's own counter (never from `cache.get_seq_length()`),
+and each attention kind's mask is built with `layer_idx` set to the first layer of that kind in
+the span, so a span cache that starts at block k>0 is masked right.
 The cache goes to layers and mask builders under the name their signatures give (swarm.cache_argument).
 """
 
@@ -30,6 +31,7 @@ class SpanRunner(nn.Module):
         self.end = start + len(layers)
         self.layers = layers
         self.rotary = family.rotary_class(config)(config=config)
+        self.rotary_per_attention_kind = family.rotary_per_attention_kind
         self.attention_kinds = family.attention_kinds(config)
         self.layer_cache_argument = cache_argument(type(layers[0]).forward)
         norm_weight: torch.Tensor = layers[0].input_layernorm.weight  # type: ignore[union-attr, assignment]
@@ -67,11 +69,13 @@ class SpanRunner(nn.Module):
             position_ids = torch.arange(position, position + seq_len, device=hidden_states.device)[None]
         else:
             position_ids = (padding_mask.long().cumsum(-1) - 1).masked_fill(~padding_mask, 0)[:, -seq_len:]
-        position_embeddings = self.rotary(hidden_states, position_ids)
-        masks = {}
+        # (cos, sin), each (1 or batch, new_tokens, rotary_dim): one table for all layers, or one per attention kind
+        shared = None if self.rotary_per_attention_kind else self.rotary(hidden_states, position_ids)
+        masks, rotary = {}, {}  # by attention kind
         for index in range(start, end):
             kind = self.attention_kinds[index]
             if kind not in masks:
+                rotary[kind] = shared if shared is not None else self.rotary(hidden_states, position_ids, kind)
                 build = _MASK_BUILDERS.get(kind, create_causal_mask)
                 masks[kind] = build(
                     config=self.config,
@@ -85,7 +89,7 @@ class SpanRunner(nn.Module):
             hidden_states = self.layers[index - self.start](
                 hidden_states,
                 attention_mask=masks[self.attention_kinds[index]],
-                position_embeddings=position_embeddings,
+                position_embeddings=rotary[self.attention_kinds[index]],
                 **{self.layer_cache_argument: cache},
             )
         return hidden_states

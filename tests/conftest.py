@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config, Qwen3Config,
+)
 
 from swarm import AutoDistributedModelForCausalLM
 from swarm.client.event_loop import run_sync
@@ -30,6 +32,25 @@ TINY_CONFIGS = {
     "qwen3": lambda: Qwen3Config(
         hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
         head_dim=16, vocab_size=211, max_position_embeddings=512, tie_word_embeddings=True,
+    ),
+    # Fused qkv_proj and gate_up_proj.
+    "phi3": lambda: Phi3Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=211, max_position_embeddings=512, original_max_position_embeddings=512, pad_token_id=0,
+        tie_word_embeddings=False,
+    ),
+    # Sliding (window 4, rope base 1e4) and global (rope base 1e6) layers alternate, so every 2-block
+    # server holds both kinds; embeddings scaled by sqrt(hidden); q/k norms.
+    "gemma3_text": lambda: Gemma3TextConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=211, max_position_embeddings=512, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"] * 3, pad_token_id=0, tie_word_embeddings=True,
+    ),
+    # Mixture of experts: 4 experts, 2 per token, routed inside each block.
+    "mixtral": lambda: MixtralConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=211, max_position_embeddings=512, num_local_experts=4, num_experts_per_tok=2,
+        tie_word_embeddings=False,
     ),
 }
 FAMILIES = sorted(TINY_CONFIGS)

@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from swarm import AutoDistributedModelForCausalLM
+from swarm.errors import InvalidRequest
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -111,3 +112,13 @@ def test_beam_search_and_generate_outputs_match_local(family_swarm):
     expected = local.generate(ids, **sample)
     torch.manual_seed(4)
     assert torch.equal(remote.generate(ids, **sample), expected)
+
+
+def test_router_logits_are_refused_not_left_empty(family_swarm):
+    """A mixture of experts routes on the servers, which return hidden states only: asking for the
+    router logits (for the load-balancing loss) is an error, never a loss computed without them."""
+    local, remote = family_swarm
+    if "output_router_logits" not in local.config:
+        pytest.skip("not a mixture of experts")
+    with pytest.raises(InvalidRequest, match="output_router_logits is not supported"):
+        remote(torch.tensor([[5, 6, 7]]), output_router_logits=True)
