@@ -18,7 +18,7 @@ import torch
 from transformers import DynamicCache
 
 from swarm.errors import CacheFull, InvalidRequest, LimitExceeded, SpanNotServed
-from swarm.limits import CACHE_WAIT_TIMEOUT, DEFAULT_MAX_SESSION_LIFETIME, REQUEST_READ_TIMEOUT, SESSION_IDLE_TIMEOUT
+from swarm.limits import CACHE_WAIT_TIMEOUT, DEFAULT_MAX_SESSION_LIFETIME, DEFAULT_REQUEST_TIMEOUT, SESSION_IDLE_TIMEOUT
 from swarm.wire import swarm_rpc_pb2 as pb
 from swarm.transport import P2P
 from swarm.wire.rpc import RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, RPC_INFO
@@ -43,6 +43,7 @@ class RequestLimits:
     max_session_length: int  # tokens per sequence
     max_lora_rank: int
     max_session_lifetime: float = DEFAULT_MAX_SESSION_LIFETIME  # seconds from open to forced close
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT  # seconds a request's first message may take to arrive
 
 
 # Bytes a request may carry beyond its tensors' payloads (field tags, names, codec scales).
@@ -278,10 +279,12 @@ class SpanHandlers:
         and a deadline, so that no caller can make the server buffer or wait without bound."""
         try:
             request = await asyncio.wait_for(
-                read_message(frames, message_type, payload_bytes + MESSAGE_OVERHEAD_BYTES), REQUEST_READ_TIMEOUT
+                read_message(frames, message_type, payload_bytes + MESSAGE_OVERHEAD_BYTES), self.limits.request_timeout
             )
         except TimeoutError:
-            raise LimitExceeded(f"the request did not arrive within {REQUEST_READ_TIMEOUT:.0f} s") from None
+            raise LimitExceeded(
+                f"the request did not arrive within this server's {self.limits.request_timeout:g} s (--request-timeout)"
+            ) from None
         if request is None:
             raise InvalidRequest(if_empty)
         return request

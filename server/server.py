@@ -195,6 +195,7 @@ class Server:
             max_session_length=cfg.max_session_length,
             max_lora_rank=cfg.max_lora_rank,
             max_session_lifetime=cfg.max_session_lifetime,
+            request_timeout=cfg.request_timeout,
         )
         peer_limits = PeerLimits(max_sessions_per_peer=cfg.max_sessions_per_peer, max_requests_per_peer=cfg.max_requests_per_peer)
         info = pb.InfoResponse(

@@ -36,6 +36,6 @@ ROUTE_WAIT = 30.0  # seconds: how long to wait for missing blocks to appear befo
 # A server closes an inference session that sent nothing for this long and frees its cache.
 SESSION_IDLE_TIMEOUT = 300.0  # seconds
 # A request stream must deliver its whole first message within this (a slow-drip sender holds nothing longer).
-REQUEST_READ_TIMEOUT = 30.0  # seconds
+DEFAULT_REQUEST_TIMEOUT = 30.0  # seconds
 # How long an open waits for cache room before the server refuses it.
 CACHE_WAIT_TIMEOUT = 10.0  # seconds

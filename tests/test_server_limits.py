@@ -3,8 +3,9 @@ while another client on the same server keeps getting exact tokens."""
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from swarm import AutoDistributedModelForCausalLM
 from swarm.client.event_loop import run_sync
+from swarm.client.remote_calls import forward_async
 from swarm.client.local_processes import LocalSwarm
 from swarm.client.span_session import SpanSession
 from swarm.client.swarm_client import SwarmClient
@@ -20,10 +22,16 @@ from swarm.dht import fetch_block_records
 from swarm.errors import InvalidRequest, LimitExceeded
 from swarm.model_id import model_dht_prefix
 from swarm.server.peer_limits import PeerGovernor, PeerLimits
+from swarm.transport import open_stream
+from swarm.wire import swarm_rpc_pb2 as pb
+from swarm.wire.frames import read_message
+from swarm.wire.rpc import RPC_FORWARD
 
 NUM_BLOCKS = 6
 SESSIONS_PER_PEER = 2
 LIFETIME = 6.0  # seconds
+REQUESTS_PER_PEER = 2
+REQUEST_TIMEOUT = 2.0  # seconds
 
 
 def test_governor_counts_each_peer_on_its_own():
@@ -49,7 +57,8 @@ def limited_server(tiny_models) -> Iterator[tuple[LocalSwarm, object]]:
     try:
         swarm.start_dht()
         swarm.start_server(path, "0:6", "--num-threads", "1", "--max-sessions-per-peer", str(SESSIONS_PER_PEER),
-                           "--max-session-lifetime", str(LIFETIME))
+                           "--max-session-lifetime", str(LIFETIME), "--max-requests-per-peer", str(REQUESTS_PER_PEER),
+                           "--request-timeout", str(REQUEST_TIMEOUT))
         yield swarm, path
     finally:
         swarm.stop()
@@ -112,3 +121,56 @@ def test_a_session_past_its_lifetime_is_closed_with_a_clear_error(flooder):
             run_sync(session.step(hidden, 2))
     finally:
         run_sync(session.close())
+
+
+def stream_that_never_finishes() -> AsyncIterator[pb.Frame]:
+    async def frames() -> AsyncIterator[pb.Frame]:
+        yield pb.Frame(payload=b"\x0a\x04", last=False)  # the start of a message, and then nothing
+        await asyncio.sleep(3600)
+    return frames()
+
+
+@pytest.mark.timeout(120)
+def test_a_stream_that_never_finishes_is_cut_off(flooder):
+    client, peer = flooder
+
+    async def send() -> pb.ForwardResponse | None:
+        replies = await open_stream(client.p2p, peer, RPC_FORWARD, stream_that_never_finishes(), 10.0)
+        return await asyncio.wait_for(read_message(replies, pb.ForwardResponse), 30.0)
+
+    began = time.monotonic()
+    reply = run_sync(send())
+    assert reply is not None and reply.HasField("error"), reply
+    assert f"did not arrive within this server's {REQUEST_TIMEOUT:g} s (--request-timeout)" in reply.error.message
+    assert REQUEST_TIMEOUT - 0.5 < time.monotonic() - began < REQUEST_TIMEOUT + 5
+
+
+@pytest.mark.timeout(240)
+def test_a_request_flood_is_refused_beyond_the_limit_while_others_are_served(limited_server, flooder):
+    """One peer fires 40 forwards at once: at most REQUESTS_PER_PEER run, the rest are refused at once,
+    naming the limit; another client's generation stays exact meanwhile."""
+    swarm, path = limited_server
+    client, peer = flooder
+    hidden = torch.randn(1, 8, 64)
+
+    async def flood() -> list[object]:
+        async def one() -> object:
+            try:
+                return await forward_async(client, hidden, 0, NUM_BLOCKS)
+            except InvalidRequest as e:
+                return e
+        return await asyncio.gather(*(one() for _ in range(40)))
+
+    results = run_sync(flood())
+    refused = [r for r in results if isinstance(r, InvalidRequest)]
+    assert refused and all(f"limit {REQUESTS_PER_PEER}, --max-requests-per-peer" in str(r) for r in refused)
+    assert len(refused) < len(results)  # some got through
+
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers, wire_codec="none")
+    try:
+        prompt = torch.tensor([[11, 12, 13]])
+        produced = model.generate(prompt, max_new_tokens=5, do_sample=False, eos_token_id=None)
+        assert torch.equal(produced, local.generate(prompt, max_new_tokens=5, do_sample=False, eos_token_id=None))
+    finally:
+        model.swarm_client.shutdown()
