@@ -223,6 +223,7 @@ def test_bad_forward_is_refused_and_the_server_keeps_serving(served, request_mes
         pytest.param([], "empty forward request", id="no-message"),
         pytest.param([pb.Frame(payload=b"\x0a\x04", last=False)], "stream ended in the middle of a message",
                      id="unfinished-message"),
+        pytest.param([pb.Frame(payload=b"", last=False)] * 1000, "empty frame in the middle of a message", id="empty-frames"),
     ],
 )
 def test_malformed_forward_stream(served, items, needle):

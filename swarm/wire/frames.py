@@ -40,6 +40,8 @@ async def read_message(
     parts: list[bytes] = []
     total = 0
     async for frame in frames:
+        if not frame.payload and not frame.last:  # to_frames never sends one; a flood of them would cost CPU for free
+            raise InvalidRequest("empty frame in the middle of a message")
         total += len(frame.payload)
         if total > max_bytes:
             raise InvalidRequest(f"message exceeds the limit of {max_bytes} bytes")
