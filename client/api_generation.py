@@ -178,18 +178,16 @@ class Generator:
             tokens = sequence[prompt_length:].tolist()
             if eos is not None and eos in tokens:
                 tokens = tokens[: tokens.index(eos) + 1]
-            text = self._text(tokens, params.stop)
-            stopped = (eos is not None and tokens[-1:] == [eos]) or any(s in self.tokenizer.decode(tokens) for s in params.stop)
+            full = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            text = _cut_at_stop(full, params.stop)
+            stopped = (eos is not None and tokens[-1:] == [eos]) or text != full
             logprobs = self._logprobs(output.logits, row, tokens, params.logprobs) if params.logprobs is not None else None
             choices.append(Choice(text, "stop" if stopped or len(tokens) < params.max_tokens else "length", tokens, logprobs))
         completion_tokens = sum(len(choice.tokens) for choice in choices)
         return Completion(choices, prompt_length, completion_tokens)
 
     def _text(self, tokens: list[int], stop: tuple[str, ...]) -> str:
-        """The decoded tokens, cut before the first stop string (OpenAI leaves it out)."""
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        cuts = [text.index(s) for s in stop if s in text]
-        return text[: min(cuts)] if cuts else text
+        return _cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), stop)
 
     def _logprobs(self, logits: tuple[torch.Tensor, ...], row: int, tokens: list[int], top: int) -> list[dict[str, Any]]:
         """Per generated token: its log-probability under the model and the `top` most likely alternatives."""
@@ -207,3 +205,9 @@ class Generator:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    """The text up to the first stop string (OpenAI leaves the stop string out)."""
+    cuts = [text.index(s) for s in stop if s in text]
+    return text[: min(cuts)] if cuts else text

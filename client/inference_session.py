@@ -15,6 +15,7 @@ import logging
 import torch
 
 from swarm.errors import InvalidRequest, RoutingError
+from swarm.wire.codecs import extend_padding_mask
 from swarm.client.adapters import RequestAdapter
 from swarm.client.event_loop import run_sync
 from swarm.client.retry import BLAMABLE, ServerFailure, with_rerouting
@@ -134,20 +135,11 @@ class InferenceSession:
         if padding_mask is not None and tuple(padding_mask.shape) != tuple(hidden_states.shape[:2]):
             raise InvalidRequest(f"padding mask of shape {tuple(padding_mask.shape)} does not match the tokens' {tuple(hidden_states.shape[:2])}")
         new_mask = padding_mask.bool() if padding_mask is not None and not bool(padding_mask.all()) else None
-        mask = self._mask_through(position, new_mask, hidden_states.shape[1])
+        mask = extend_padding_mask(self.padding_mask, position, new_mask, self.batch_size, hidden_states.shape[1])
         output = run_sync(self._step(hidden_states, position, new_mask, mask))
         self.position = position + hidden_states.shape[1]
         self.padding_mask = mask
         return output
-
-    def _mask_through(self, position: int, new_mask: torch.Tensor | None, new_tokens: int) -> torch.Tensor | None:
-        """The session's padding mask after a step at `position` (None while nothing is padded)."""
-        if self.padding_mask is None and new_mask is None:
-            return None
-        ones = torch.ones(self.batch_size, position, dtype=torch.bool)
-        past = self.padding_mask[:, :position] if self.padding_mask is not None else ones
-        now = new_mask if new_mask is not None else torch.ones(self.batch_size, new_tokens, dtype=torch.bool)
-        return torch.cat([past, now], dim=1)
 
     async def _step(
         self, hidden_states: torch.Tensor, position: int, new_mask: torch.Tensor | None, mask: torch.Tensor | None

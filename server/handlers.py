@@ -23,7 +23,7 @@ from swarm.wire import swarm_rpc_pb2 as pb
 from swarm.transport import P2P
 from swarm.wire.rpc import RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, RPC_INFO
 from swarm.wire.frames import MessageT, read_message, read_until_end, to_frames
-from swarm.wire.codecs import check_codec, decode, decode_mask, encode
+from swarm.wire.codecs import check_codec, decode, decode_mask, encode, extend_padding_mask
 from swarm.server.adapters import MAX_PROMPT_LENGTH, ParsedAdapter, applied, parse_adapter
 from swarm.server.backprop import ActivationStore, backward, forward_for_backward
 from swarm.server.cache_budget import CacheBudget
@@ -122,7 +122,7 @@ class SpanHandlers:
             began = time.perf_counter()
             kept = await self.worker.submit(TaskKind.FORWARD, peer, cost, compute)
             logger.debug("forward (kept) compute for blocks %d:%d took %.3f s", start, end, time.perf_counter() - began)
-            self.activations.put((_caller(context), request.forward_id), kept)
+            self.activations.put((peer, request.forward_id), kept)
             output = kept.output.detach()
         else:
             compute = functools.partial(_run_frozen, runner, hidden, start, end, adapter, padding_mask=mask)
@@ -152,16 +152,17 @@ class SpanHandlers:
         grad_outputs = await self._check_hidden(request.grad_outputs, "gradients")
         if grad_outputs.shape != hidden.shape:
             raise InvalidRequest(f"gradients of shape {tuple(grad_outputs.shape)} do not match the inputs' {tuple(hidden.shape)}")
-        kept = self.activations.pop((_caller(context), request.forward_id)) if request.forward_id else None
+        peer, cost = _caller(context), _cost(hidden, start, end)
+        kept = self.activations.pop((peer, request.forward_id)) if request.forward_id else None
         logger.debug("backward for blocks %d:%d: %s", start, end, "kept forward" if kept is not None else "recompute")
         if kept is None or kept.inputs.shape != hidden.shape:
             adapter = parse_adapter(request.adapter, runner, start, end, self.limits.max_lora_rank)
             mask = decode_mask(request.attention_mask, hidden.shape[0], hidden.shape[1])
             compute = functools.partial(forward_for_backward, runner, hidden, start, end, adapter, request.dropout_seed, mask)
-            kept = await self.worker.submit(TaskKind.FORWARD, _caller(context), _cost(hidden, start, end), compute)
+            kept = await self.worker.submit(TaskKind.FORWARD, peer, cost, compute)
         began = time.perf_counter()
         grad_inputs, lora_grads, prompt_grads = await self.worker.submit(
-            TaskKind.BACKWARD, _caller(context), 2 * _cost(hidden, start, end), functools.partial(backward, kept, grad_outputs)
+            TaskKind.BACKWARD, peer, 2 * cost, functools.partial(backward, kept, grad_outputs)
         )
         logger.debug("backward compute for blocks %d:%d took %.3f s", start, end, time.perf_counter() - began)
         response = pb.BackwardResponse(
@@ -259,10 +260,7 @@ class SpanHandlers:
             if step.position < position:
                 cache.crop(step.position - position)  # crop takes a negative count: drop the last tokens
             position = step.position
-            if mask is not None or new_mask is not None:
-                past = mask[:, :position] if mask is not None else torch.ones(hidden.shape[0], position, dtype=torch.bool)
-                now = new_mask if new_mask is not None else torch.ones(hidden.shape[:2], dtype=torch.bool)
-                mask = torch.cat([past, now], dim=1)
+            mask = extend_padding_mask(mask, position, new_mask, hidden.shape[0], hidden.shape[1])
             compute = functools.partial(_run_frozen, runner, hidden, start, end, adapter, position, cache, mask)
             output = await self.worker.submit(TaskKind.INFERENCE, peer, _cost(hidden, start, end), compute)
             position += hidden.shape[1]

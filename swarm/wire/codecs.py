@@ -87,6 +87,19 @@ def decode_mask(data: bytes, batch: int, tokens: int) -> torch.Tensor | None:
     return values.bool()
 
 
+def extend_padding_mask(
+    mask: torch.Tensor | None, position: int, new: torch.Tensor | None, batch: int, new_tokens: int
+) -> torch.Tensor | None:
+    """A session's padding mask (batch, position + new_tokens) after a step at `position`, from the mask
+    so far (cropped to `position`) and the new tokens' (None: all real); None while nothing was padded.
+    Client and server keep the same mask this way: the client for replays, the server for attention."""
+    if mask is None and new is None:
+        return None
+    past = mask[:, :position] if mask is not None else torch.ones(batch, position, dtype=torch.bool)
+    now = new if new is not None else torch.ones(batch, new_tokens, dtype=torch.bool)
+    return torch.cat([past, now], dim=1)
+
+
 MAX_DIMS = 8
 MAX_DIM_SIZE = 2**31 - 1  # torch's strides overflow well before the bytes would run out
 
