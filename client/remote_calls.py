@@ -59,7 +59,7 @@ async def batch_parts(client: SwarmClient, batch: int, seq_len: int, spread: boo
 
     A single sequence longer than the limit cannot be split (attention needs it whole): InvalidRequest.
     """
-    limit = await client.request_token_limit()
+    limit, replicas = await client.batch_capacity()
     if seq_len > limit:
         raise InvalidRequest(
             f"a sequence of {seq_len} tokens exceeds the servers' per-request limit of {limit} tokens "
@@ -67,7 +67,7 @@ async def batch_parts(client: SwarmClient, batch: int, seq_len: int, spread: boo
         )
     parts = -(-batch // (limit // seq_len))
     if spread:
-        parts = max(parts, await client.parallel_routes(batch))
+        parts = max(parts, min(batch, replicas))
     bounds = [int(chunk[0]) for chunk in torch.arange(batch).tensor_split(min(parts, batch))] + [batch]
     return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
@@ -85,7 +85,7 @@ async def forward_async(
     async def attempt() -> None:
         # Resumes after the last hop that succeeded: a failure costs only the failed hop.
         nonlocal position, state
-        for hop in await client.forward_route(position, end):
+        for hop in await client.forward_route(position, end, _tokens(state)):
             forward_id = random.getrandbits(63) + 1 if keep else 0
             request = _forward_request(client, hop, state, adapter, forward_id, seed, padding_mask)
             reply = await _call(client, hop, RPC_FORWARD, request, pb.ForwardResponse)
@@ -137,7 +137,7 @@ async def _backward_elsewhere(client: SwarmClient, traced: TracedHop, gradients:
     """Backward through `traced`'s blocks on other servers: forward again to get each new hop's inputs."""
 
     async def attempt() -> None:
-        route = await client.forward_route(traced.hop.start, traced.hop.end)
+        route = await client.forward_route(traced.hop.start, traced.hop.end, _tokens(traced.inputs))
         inputs, state = [], traced.inputs
         for hop in route[:-1]:
             inputs.append(state)
@@ -199,6 +199,11 @@ async def _backward_hop(client: SwarmClient, hop: RouteHop, inputs: torch.Tensor
     gradients.lora.update(lora)
     if prompts is not None:
         gradients.deep_prompts[hop.start] = prompts
+
+
+def _tokens(hidden_states: torch.Tensor) -> int:
+    """Batch x sequence of hidden states (batch, seq, hidden): what servers' per-request limits count."""
+    return hidden_states.shape[0] * hidden_states.shape[1]
 
 
 def _checked(hop: RouteHop, message: pb.Tensor, shape: torch.Size, what: str) -> torch.Tensor:

@@ -17,6 +17,7 @@ import random
 from collections.abc import Mapping
 
 from swarm.errors import MissingBlocksError
+from swarm.limits import DEFAULT_MAX_TOKENS_PER_REQUEST
 from swarm.records import ServerRecord, ServerState, block_ranges
 
 DEFAULT_RTT = 0.05  # seconds: assumed round trip to a server not pinged yet
@@ -39,6 +40,7 @@ class ServerFilter:
     banned: frozenset[str] = frozenset()
     min_cache_tokens: int = 0  # servers with less room are skipped (inference sessions)
     codecs: frozenset[str] = frozenset()  # codecs the server must accept
+    min_request_tokens: int = 0  # servers whose per-request limit is lower are skipped (stateless calls)
 
     def usable(self, peer: str, record: ServerRecord) -> bool:
         return (
@@ -48,7 +50,29 @@ class ServerFilter:
             and peer not in self.blocked
             and peer not in self.banned
             and record.cache_tokens_left >= self.min_cache_tokens
+            and request_limit(record) >= self.min_request_tokens
         )
+
+
+def request_limit(record: ServerRecord) -> int:
+    """Tokens (batch x sequence) the server takes in one forward or backward: what it announces, or the default."""
+    return record.max_tokens_per_request or DEFAULT_MAX_TOKENS_PER_REQUEST
+
+
+def batch_capacity(blocks: list[dict[str, ServerRecord]], servers: ServerFilter) -> tuple[int, int]:
+    """(tokens per request, replicas) for splitting a stateless batch over [0, len(blocks)).
+
+    Tokens: for each block the largest limit among its usable servers, and the smallest of those over
+    blocks, so every part can be routed; a server that announces a small limit excludes only itself
+    (routes for a part skip servers below its size), and cannot make every client split to nothing.
+    Replicas: the fewest usable servers of any block, the parts that can travel in parallel.
+    """
+    limits, replicas = [], []
+    for records in blocks:
+        usable = [record for peer, record in records.items() if servers.usable(peer, record)]
+        limits.append(max((request_limit(record) for record in usable), default=DEFAULT_MAX_TOKENS_PER_REQUEST))
+        replicas.append(len(usable))
+    return min(limits, default=DEFAULT_MAX_TOKENS_PER_REQUEST), max(1, min(replicas, default=1))
 
 
 def missingblock_ranges(blocks: list[dict[str, ServerRecord]], servers: ServerFilter) -> list[tuple[int, int]]:

@@ -110,7 +110,8 @@ class SpotChecker:
         """The output of blocks [start, end) on `inputs` from servers outside `exclude`, and who computed
         it; None if no such route exists or it fails (a failing verifier is banned as usual)."""
         try:
-            route = await self.client.forward_route(start, end, exclude=frozenset(exclude), wait=False)
+            tokens = inputs.shape[0] * inputs.shape[1]
+            route = await self.client.forward_route(start, end, tokens, exclude=frozenset(exclude), wait=False)
             return await forward_on_route(self.client, route, inputs, adapter, padding_mask), [hop.peer_id for hop in route]
         except RoutingError:
             return None

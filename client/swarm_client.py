@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING
 
 from swarm import dht as swarm_dht
 from swarm.errors import MissingBlocksError
-from swarm.limits import DEFAULT_MAX_TOKENS_PER_REQUEST, ROUTE_WAIT
+from swarm.limits import ROUTE_WAIT
 from swarm.records import ServerRecord
 from swarm.transport import P2P, ping
 from swarm.client.event_loop import run_sync
 from swarm.client.retry import BanList, RetryPolicy
 from swarm.client.wire_codecs import WireCodecs
-from swarm.client.routing import RouteHop, ServerFilter, forward_route, inference_route
+from swarm.client.routing import RouteHop, ServerFilter, batch_capacity, forward_route, inference_route
 
 if TYPE_CHECKING:
     from swarm.client.spot_checks import SpotChecker
@@ -72,9 +72,12 @@ class SwarmClient:
             self.dht.shutdown()
             self.dht = None
 
-    def server_filter(self, min_cache_tokens: int = 0, exclude: frozenset[str] = frozenset()) -> ServerFilter:
+    def server_filter(
+        self, min_cache_tokens: int = 0, exclude: frozenset[str] = frozenset(), min_request_tokens: int = 0
+    ) -> ServerFilter:
         codecs = frozenset({self.codecs.send, self.codecs.receive})
-        return ServerFilter(self.allowed_servers, self.blocked_servers, self.bans.banned() | exclude, min_cache_tokens, codecs)
+        return ServerFilter(self.allowed_servers, self.blocked_servers, self.bans.banned() | exclude, min_cache_tokens, codecs,
+                            min_request_tokens)
 
     async def fetch_blocks(self) -> list[dict[str, ServerRecord]]:
         loop = asyncio.get_running_loop()
@@ -91,33 +94,24 @@ class SwarmClient:
 
         return await self._route_when_covered(plan, "inference")
 
-    async def forward_route(self, start: int, end: int, exclude: frozenset[str] = frozenset(), wait: bool = True) -> list[RouteHop]:
-        """A route for a stateless forward over [start, end), avoiding `exclude` too. Without `wait`,
-        missing blocks raise MissingBlocksError at once (and no banned server gets a second chance)."""
+    async def forward_route(
+        self, start: int, end: int, tokens: int, exclude: frozenset[str] = frozenset(), wait: bool = True
+    ) -> list[RouteHop]:
+        """A route for a stateless call of `tokens` (batch x sequence) over [start, end), on servers that
+        take that many, avoiding `exclude` too. Without `wait`, missing blocks raise MissingBlocksError
+        at once (and no banned server gets a second chance)."""
 
         async def plan(blocks: list[dict[str, ServerRecord]]) -> list[RouteHop]:
-            return forward_route(blocks, start, end, self.dht_prefix, self.server_filter(exclude=exclude), self.in_flight)
+            servers = self.server_filter(exclude=exclude, min_request_tokens=tokens)
+            return forward_route(blocks, start, end, self.dht_prefix, servers, self.in_flight)
 
         if not wait:
             return await plan(await self.fetch_blocks())
         return await self._route_when_covered(plan, "forward")
 
-    async def parallel_routes(self, batch_size: int) -> int:
-        """How many parts a batch can be split into: the fewest usable servers of any block, at most the batch."""
-        servers = self.server_filter()
-        blocks = await self.fetch_blocks()
-        replicas = min((sum(servers.usable(peer, record) for peer, record in records.items()) for records in blocks), default=1)
-        return max(1, min(batch_size, replicas))
-
-    async def request_token_limit(self) -> int:
-        """The fewest tokens (batch x sequence) that any usable server takes in one forward or backward:
-        a batch is split so that each part fits every server it may be routed to."""
-        servers = self.server_filter()
-        limits = [
-            record.max_tokens_per_request or DEFAULT_MAX_TOKENS_PER_REQUEST
-            for records in await self.fetch_blocks() for peer, record in records.items() if servers.usable(peer, record)
-        ]
-        return min(limits, default=DEFAULT_MAX_TOKENS_PER_REQUEST)
+    async def batch_capacity(self) -> tuple[int, int]:
+        """(tokens per request, replicas) for splitting a stateless batch, from one DHT read (routing.batch_capacity)."""
+        return batch_capacity(await self.fetch_blocks(), self.server_filter())
 
     async def _route_when_covered(self, plan, kind: str) -> list[RouteHop]:  # noqa: ANN001
         deadline = time.monotonic() + self.route_wait

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import Counter
 
@@ -9,7 +10,8 @@ import pytest
 
 from swarm.errors import MissingBlocksError
 from swarm.records import ServerRecord, ServerState
-from swarm.client.routing import ServerFilter, forward_route, inference_route
+from swarm.client.routing import ServerFilter, batch_capacity, forward_route, inference_route
+from swarm.limits import DEFAULT_MAX_TOKENS_PER_REQUEST
 
 
 def records(*servers: tuple[str, int, int, float]) -> list[dict[str, ServerRecord]]:
@@ -74,3 +76,24 @@ def test_offline_servers_are_not_used():
     blocks[0]["a"] = ServerRecord(state=ServerState.OFFLINE, start=0, end=6)
     with pytest.raises(MissingBlocksError, match="0:1"):
         inference_route(blocks, 0, 6, "m")
+
+
+def test_a_server_announcing_a_tiny_request_limit_excludes_only_itself():
+    """A hostile (or small) server's max_tokens_per_request must not shrink every client's batches."""
+    blocks = records(("honest", 0, 6, 100), ("tiny", 0, 6, 100))
+    for index in range(6):
+        blocks[index]["tiny"] = dataclasses.replace(blocks[index]["tiny"], max_tokens_per_request=1)
+    limit, replicas = batch_capacity(blocks, ServerFilter())
+    assert (limit, replicas) == (DEFAULT_MAX_TOKENS_PER_REQUEST, 2)
+    for _ in range(50):  # a part of 64 tokens never goes to the server that takes one
+        route = forward_route(blocks, 0, 6, "m", ServerFilter(min_request_tokens=64))
+        assert [hop.peer_id for hop in route] == ["honest"]
+    assert forward_route(blocks, 0, 6, "m", ServerFilter(min_request_tokens=1), rng=random.Random(0))
+
+
+def test_batch_capacity_takes_the_weakest_block():
+    blocks = records(("a", 0, 3, 100), ("b", 3, 6, 100), ("c", 3, 6, 100))
+    for index in range(3, 6):
+        blocks[index]["b"] = dataclasses.replace(blocks[index]["b"], max_tokens_per_request=512)
+        blocks[index]["c"] = dataclasses.replace(blocks[index]["c"], max_tokens_per_request=256)
+    assert batch_capacity(blocks, ServerFilter()) == (512, 1)
