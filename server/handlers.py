@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
-from transformers import DynamicCache
 
 from swarm.errors import CacheFull, InvalidRequest, LimitExceeded, SpanNotServed
 from swarm.limits import CACHE_WAIT_TIMEOUT, DEFAULT_MAX_SESSION_LIFETIME, DEFAULT_REQUEST_TIMEOUT, SESSION_IDLE_TIMEOUT
@@ -29,6 +28,8 @@ from swarm.server.backprop import ActivationStore, backward, forward_for_backwar
 from swarm.server.cache_budget import CacheBudget
 from swarm.server.peer_limits import PeerGovernor
 from swarm.server.compute_worker import ComputeWorker
+from swarm.server.inference_steps import InferenceStep
+from swarm.server.kv_cache import SessionCache
 from swarm.server.scheduler import TaskKind
 from swarm.server.span_runner import SpanRunner
 
@@ -96,6 +97,8 @@ class SpanHandlers:
         info.CopyFrom(self.info)
         info.cache_tokens_left = self.cache_tokens_left()
         info.served.CopyFrom(self.served)
+        info.served.merged_forwards = self.worker.merged_forwards
+        info.served.merged_steps = self.worker.merged_steps
         return info
 
     async def rpc_forward(self, frames: AsyncIterator[pb.Frame], context: object) -> AsyncIterator[pb.Frame]:
@@ -218,7 +221,8 @@ class SpanHandlers:
         start: int,
         end: int,
     ) -> AsyncIterator[pb.Frame]:
-        cache = DynamicCache()  # keys/values per block: (batch, kv_heads, position, head_dim)
+        # keys/values per block: (batch, kv_heads, max_length, head_dim), the bytes reserved for the session
+        cache = SessionCache(runner.config, start, end, opening.batch_size, opening.max_length, runner.compute_dtype, runner.device)
         mask: torch.Tensor | None = None  # (batch, position), True for real tokens; None while nothing was padded
         response_codec = check_codec(opening.response_codec)
         position = 0
@@ -261,8 +265,8 @@ class SpanHandlers:
                 cache.crop(step.position - position)  # crop takes a negative count: drop the last tokens
             position = step.position
             mask = extend_padding_mask(mask, position, new_mask, hidden.shape[0], hidden.shape[1])
-            compute = functools.partial(_run_frozen, runner, hidden, start, end, adapter, position, cache, mask)
-            output = await self.worker.submit(TaskKind.INFERENCE, peer, _cost(hidden, start, end), compute)
+            step_work = InferenceStep(runner, start, end, hidden, position, cache, mask, adapter)
+            output = await self.worker.submit_step(peer, _cost(hidden, start, end), step_work)
             position += hidden.shape[1]
             encoded = await _off_loop_if_large(output.numel(), encode, output, response_codec)
             result = pb.StepResult(hidden_states=encoded, position=position, step_id=step.step_id)
@@ -330,13 +334,11 @@ def _run_frozen(
     start: int,
     end: int,
     adapter: ParsedAdapter | None,
-    position: int = 0,
-    cache: DynamicCache | None = None,
     padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Blocks [start, end) without autograd, with the caller's adapter if any."""
-    with torch.inference_mode(), applied(runner, adapter, start, position=position):
-        return runner(hidden, start, end, position=position, cache=cache, padding_mask=padding_mask)
+    """Blocks [start, end) without autograd or cache, with the caller's adapter if any."""
+    with torch.inference_mode(), applied(runner, adapter, start):
+        return runner(hidden, start, end, padding_mask=padding_mask)
 
 
 # Tensors of at least this many values are decoded and encoded on a worker thread: an int8 prefill of

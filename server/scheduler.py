@@ -9,6 +9,14 @@ was under a strict priority). Within a class, peers take turns the same way, so 
 many requests gets no more than any other peer with work waiting. A class or peer that was idle
 resumes at the current virtual time, never with credit saved up while idle.
 
+Inference steps of different sessions that can share one forward (equal `merge_key`: same span,
+same number of new tokens, no adapter) are merged when the next task is such a step: `pop_batch`
+takes the other queued steps with its key, at most one per session and in each peer's order,
+up to a number of steps and of tokens, and charges each to its own peer and the batch to the
+inference class, exactly as if they had run one after another. Nothing waits for a batch to fill:
+what is queued when the worker picks a step rides along, so an idle server answers at once and a
+busy one merges the steps that piled up while it computed.
+
 This module is pure (no threads, no torch): the compute worker drives it.
 """
 
@@ -17,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections import deque
+from collections.abc import Hashable
 from typing import Any
 
 from swarm.errors import LimitExceeded
@@ -38,6 +47,9 @@ class Task:
     peer: str
     cost: float  # tokens x blocks (backward: twice a forward's)
     payload: Any  # what the worker runs; opaque here
+    merge_key: Hashable | None = None  # inference steps with equal keys may run as one forward; None: never merged
+    session: Hashable | None = None  # steps of one session never share a forward and keep their order
+    tokens: int = 0  # batch x new tokens, bounded over a merged forward
 
 
 class _FairQueues:
@@ -63,6 +75,29 @@ class _FairQueues:
             del self.queues[key]
         return task
 
+    def take_mergeable(self, first: Task, max_tasks: int, max_tokens: int) -> list[Task]:
+        """Queued tasks that can share `first`'s forward, most-behind peers first, each charged to its peer."""
+        taken: list[Task] = []
+        sessions = {first.session}
+        tokens = first.tokens
+        for key in sorted(self.queues, key=lambda k: self.virtual[k]):
+            queue = self.queues[key]
+            for task in list(queue):
+                if len(taken) + 1 >= max_tasks:
+                    return taken
+                if task.session in sessions:
+                    continue  # a session's later step waits for its earlier one
+                sessions.add(task.session)
+                if task.merge_key != first.merge_key or tokens + task.tokens > max_tokens:
+                    continue
+                queue.remove(task)
+                self.virtual[key] += task.cost
+                tokens += task.tokens
+                taken.append(task)
+            if not queue:
+                del self.queues[key]
+        return taken
+
     def __len__(self) -> int:
         return sum(len(queue) for queue in self.queues.values())
 
@@ -86,14 +121,23 @@ class FairScheduler:
 
     def pop(self) -> Task | None:
         """The next task to run, or None if nothing waits."""
+        batch = self.pop_batch(max_tasks=1, max_tokens=0)
+        return batch[0] if batch else None
+
+    def pop_batch(self, max_tasks: int, max_tokens: int) -> list[Task]:
+        """The next task to run and the queued steps that can run in the same forward with it (see the
+        module docstring): at most `max_tasks` tasks and `max_tokens` tokens in all. Empty if nothing waits."""
         waiting = [name for name, queues in self._classes.items() if queues]
         if not waiting:
-            return None
+            return []
         name = min(waiting, key=lambda n: self._virtual[n])
-        task = self._classes[name].pop()
+        queues = self._classes[name]
+        batch = [queues.pop()]
+        if batch[0].merge_key is not None and max_tasks > 1:
+            batch += queues.take_mergeable(batch[0], max_tasks, max_tokens)
         self._now = self._virtual[name]
-        self._virtual[name] += task.cost / self._weights[name]
-        return task
+        self._virtual[name] += sum(task.cost for task in batch) / self._weights[name]
+        return batch
 
     def __len__(self) -> int:
         return sum(len(queues) for queues in self._classes.values())

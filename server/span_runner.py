@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import DynamicCache, PretrainedConfig
+from transformers import Cache, PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from swarm.cache_argument import cache_argument
 from swarm.families import SLIDING_ATTENTION, ModelFamily
+from swarm.server.kv_cache import kv_heads_and_head_dim
 
 _MASK_BUILDERS = {SLIDING_ATTENTION: create_sliding_window_causal_mask}
 
@@ -36,12 +37,11 @@ class SpanRunner(nn.Module):
         self.layer_cache_argument = cache_argument(type(layers[0]).forward)
         norm_weight: torch.Tensor = layers[0].input_layernorm.weight  # type: ignore[union-attr, assignment]
         self.compute_dtype = norm_weight.dtype  # of hidden states and the KV cache (weights may be quantized)
+        self.device = norm_weight.device
 
     def kv_bytes_per_token(self, start: int, end: int) -> int:
         """Bytes of keys and values that one token of one sequence takes in a session over blocks [start, end)."""
-        config = self.config
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads, head_dim = kv_heads_and_head_dim(self.config)
         itemsize = torch.empty((), dtype=self.compute_dtype).element_size()
         return 2 * kv_heads * head_dim * itemsize * (end - start)
 
@@ -51,7 +51,7 @@ class SpanRunner(nn.Module):
         start: int,
         end: int,
         position: int = 0,
-        cache: DynamicCache | None = None,
+        cache: Cache | None = None,
         padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run blocks [start, end) on hidden_states (batch, new_tokens, hidden) at `position`.
@@ -64,11 +64,31 @@ class SpanRunner(nn.Module):
         Autograd follows the caller's mode: handlers run inference under torch.inference_mode().
         """
         hidden_states = hidden_states.to(self.compute_dtype)
-        seq_len = hidden_states.shape[1]
+        position_ids = self.position_ids(position, hidden_states.shape[1], padding_mask, hidden_states.device)
+        return self.run(hidden_states, start, end, position_ids, cache, padding_mask)
+
+    @staticmethod
+    def position_ids(position: int, new_tokens: int, padding_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        """Positions (1 or batch, new_tokens) of new tokens at `position`: each row's from its first real token."""
         if padding_mask is None:
-            position_ids = torch.arange(position, position + seq_len, device=hidden_states.device)[None]
-        else:
-            position_ids = (padding_mask.long().cumsum(-1) - 1).masked_fill(~padding_mask, 0)[:, -seq_len:]
+            return torch.arange(position, position + new_tokens, device=device)[None]
+        return (padding_mask.long().cumsum(-1) - 1).masked_fill(~padding_mask, 0)[:, -new_tokens:]
+
+    def run(
+        self,
+        hidden_states: torch.Tensor,
+        start: int,
+        end: int,
+        position_ids: torch.Tensor,
+        cache: Cache | None,
+        attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Blocks [start, end) on hidden_states (batch, new_tokens, hidden) in the compute dtype, with positions
+        given per row (1 or batch, new_tokens) and a 2D mask (batch, cached + new_tokens) or None.
+
+        Merged steps of several sessions come here directly with their rows' own positions and a mask
+        that left-pads shorter sessions (server/kv_cache.py MergedCache).
+        """
         # (cos, sin), each (1 or batch, new_tokens, rotary_dim): one table for all layers, or one per attention kind
         shared = None if self.rotary_per_attention_kind else self.rotary(hidden_states, position_ids)
         masks, rotary = {}, {}  # by attention kind
@@ -80,7 +100,7 @@ class SpanRunner(nn.Module):
                 masks[kind] = build(
                     config=self.config,
                     inputs_embeds=hidden_states,
-                    attention_mask=padding_mask,
+                    attention_mask=attention_mask,
                     position_ids=position_ids,
                     layer_idx=index,
                     **{cache_argument(build): cache},

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fswarm_rpc.proto\x12\tswarm.rpc\"g\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x04\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0e\n\x06scales\x18\x05 \x01(\x0c\x12\x12\n\nblock_size\x18\x06 \x01(\r\"\"\n\x04Span\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"&\n\x05\x46rame\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x0c\n\x04last\x18\x02 \x01(\x08\"\x8d\x01\n\x05\x45rror\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.swarm.rpc.Error.Kind\x12\x0f\n\x07message\x18\x02 \x01(\t\"N\n\x04Kind\x12\x0c\n\x08INTERNAL\x10\x00\x12\x13\n\x0fINVALID_REQUEST\x10\x01\x12\x0e\n\nCACHE_FULL\x10\x02\x12\x13\n\x0fSPAN_NOT_SERVED\x10\x03\"\r\n\x0bInfoRequest\"\x98\x03\n\x0cInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x12\n\ndht_prefix\x18\x02 \x01(\t\x12\x1d\n\x04span\x18\x03 \x01(\x0b\x32\x0f.swarm.rpc.Span\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x13\n\x0btorch_dtype\x18\x05 \x01(\t\x12\x19\n\x11\x63\x61\x63he_tokens_left\x18\x06 \x01(\x04\x12\x0e\n\x06\x63odecs\x18\x07 \x03(\t\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x1e\n\x16max_tokens_per_request\x18\t \x01(\r\x12\x1a\n\x12max_session_length\x18\n \x01(\r\x12\x15\n\rmax_lora_rank\x18\x0b \x01(\r\x12(\n\x06served\x18\x0c \x01(\x0b\x32\x18.swarm.rpc.RequestCounts\x12\x1d\n\x15max_sessions_per_peer\x18\r \x01(\r\x12\x1d\n\x15max_requests_per_peer\x18\x0e \x01(\r\x12\x1c\n\x14max_session_lifetime\x18\x0f \x01(\x01\"f\n\rRequestCounts\x12\x17\n\x0fsessions_opened\x18\x01 \x01(\x04\x12\x17\n\x0finference_steps\x18\x02 \x01(\x04\x12\x10\n\x08\x66orwards\x18\x03 \x01(\x04\x12\x11\n\tbackwards\x18\x04 \x01(\x04\">\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x06tensor\x18\x02 \x01(\x0b\x32\x11.swarm.rpc.Tensor\"\xa9\x01\n\x07\x41\x64\x61pter\x12\x11\n\tlora_rank\x18\x01 \x01(\r\x12\x12\n\nlora_alpha\x18\x02 \x01(\x02\x12\x14\n\x0clora_dropout\x18\x03 \x01(\x02\x12\x12\n\nuse_rslora\x18\x04 \x01(\x08\x12$\n\x04lora\x18\x05 \x03(\x0b\x32\x16.swarm.rpc.NamedTensor\x12\'\n\x0c\x64\x65\x65p_prompts\x18\x06 \x01(\x0b\x32\x11.swarm.rpc.Tensor\"\xd8\x01\n\x0e\x46orwardRequest\x12\x1d\n\x04span\x18\x01 \x01(\x0b\x32\x0f.swarm.rpc.Span\x12(\n\rhidden_states\x18\x02 \x01(\x0b\x32\x11.swarm.rpc.Tensor\x12\x16\n\x0eresponse_codec\x18\x03 \x01(\t\x12#\n\x07\x61\x64\x61pter\x18\x04 \x01(\x0b\x32\x12.swarm.rpc.Adapter\x12\x12\n\nforward_id\x18\x05 \x01(\x04\x12\x14\n\x0c\x64ropout_seed\x18\x06 \x01(\x04\x12\x16\n\x0e\x61ttention_mask\x18\x07 \x01(\x0c\"\x82\x02\n\x0f\x42\x61\x63kwardRequest\x12\x1d\n\x04span\x18\x01 \x01(\x0b\x32\x0f.swarm.rpc.Span\x12(\n\rhidden_states\x18\x02 \x01(\x0b\x32\x11.swarm.rpc.Tensor\x12\'\n\x0cgrad_outputs\x18\x03 \x01(\x0b\x32\x11.swarm.rpc.Tensor\x12\x16\n\x0eresponse_codec\x18\x04 \x01(\t\x12#\n\x07\x61\x64\x61pter\x18\x05 \x01(\x0b\x32\x12.swarm.rpc.Adapter\x12\x12\n\nforward_id\x18\x06 \x01(\x04\x12\x14\n\x0c\x64ropout_seed\x18\x07 \x01(\x04\x12\x16\n\x0e\x61ttention_mask\x18\x08 \x01(\x0c\"\xb5\x01\n\x10\x42\x61\x63kwardResponse\x12&\n\x0bgrad_inputs\x18\x01 \x01(\x0b\x32\x11.swarm.rpc.Tensor\x12*\n\nlora_grads\x18\x02 \x03(\x0b\x32\x16.swarm.rpc.NamedTensor\x12,\n\x11\x64\x65\x65p_prompt_grads\x18\x03 \x01(\x0b\x32\x11.swarm.rpc.Tensor\x12\x1f\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x10.swarm.rpc.Error\"\\\n\x0f\x46orwardResponse\x12(\n\rhidden_states\x18\x01 \x01(\x0b\x32\x11.swarm.rpc.Tensor\x12\x1f\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x10.swarm.rpc.Error\"o\n\x10InferenceRequest\x12&\n\x04open\x18\x01 \x01(\x0b\x32\x16.swarm.rpc.SessionOpenH\x00\x12(\n\x04step\x18\x02 \x01(\x0b\x32\x18.swarm.rpc.InferenceStepH\x00\x42\t\n\x07request\"\x91\x01\n\x0bSessionOpen\x12\x1d\n\x04span\x18\x01 \x01(\x0b\x32\x0f.swarm.rpc.Span\x12\x12\n\nmax_length\x18\x02 \x01(\r\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x16\n\x0eresponse_codec\x18\x04 \x01(\t\x12#\n\x07\x61\x64\x61pter\x18\x05 \x01(\x0b\x32\x12.swarm.rpc.Adapter\"\x85\x01\n\rInferenceStep\x12(\n\rhidden_states\x18\x01 \x01(\x0b\x32\x11.swarm.rpc.Tensor\x12\x10\n\x08position\x18\x02 \x01(\r\x12\x0f\n\x07step_id\x18\x03 \x01(\x04\x12\x16\n\x0e\x61ttention_mask\x18\x04 \x01(\x0c\x12\x0f\n\x07reorder\x18\x05 \x03(\r\"\x95\x01\n\x11InferenceResponse\x12*\n\x06opened\x18\x01 \x01(\x0b\x32\x18.swarm.rpc.SessionOpenedH\x00\x12%\n\x04step\x18\x02 \x01(\x0b\x32\x15.swarm.rpc.StepResultH\x00\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x10.swarm.rpc.ErrorH\x00\x42\n\n\x08response\"C\n\rSessionOpened\x12\x12\n\nmax_length\x18\x01 \x01(\r\x12\x1e\n\x16max_tokens_per_request\x18\x02 \x01(\r\"Y\n\nStepResult\x12(\n\rhidden_states\x18\x01 \x01(\x0b\x32\x11.swarm.rpc.Tensor\x12\x10\n\x08position\x18\x02 \x01(\r\x12\x0f\n\x07step_id\x18\x03 \x01(\x04\"%\n\x13ReachabilityRequest\x12\x0e\n\x06maddrs\x18\x01 \x03(\t\"8\n\x14ReachabilityResponse\x12\x11\n\treachable\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fswarm_rpc.proto\x12\tswarm.rpc\"g\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x04\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0e\n\x06scales\x18\x05 \x01(\x0c\x12\x12\n\nblock_size\x18\x06 \x01(\r\"\"\n\x04Span\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"&\n\x05\x46rame\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x0c\n\x04last\x18\x02 \x01(\x08\"\x8d\x01\n\x05\x45rror\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.swarm.rpc.Error.Kind\x12\x0f\n\x07message\x18\x02 \x01(\t\"N\n\x04Kind\x12\x0c\n\x08INTERNAL\x10\x00\x12\x13\n\x0fINVALID_REQUEST\x10\x01\x12\x0e\n\nCACHE_FULL\x10\x02\x12\x13\n\x0fSPAN_NOT_SERVED\x10\x03\"\r\n\x0bInfoRequest\"\x98\x03\n\x0cInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x12\n\ndht_prefix\x18\x02 \x01(\t\x12\x1d\n\x04span\x18\x03 \x01(\x0b\x32\x0f.swarm.rpc.Span\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x13\n\x0btorch_dtype\x18\x05 \x01(\t\x12\x19\n\x11\x63\x61\x63he_tokens_left\x18\x06 \x01(\x04\x12\x0e\n\x06\x63odecs\x18\x07 \x03(\t\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x1e\n\x16max_tokens_per_request\x18\t \x01(\r\x12\x1a\n\x12max_session_length\x18\n \x01(\r\x12\x15\n\rmax_lora_rank\x18\x0b \x01(\r\x12(\n\x06served\x18\x0c \x01(\x0b\x32\x18.swarm.rpc.RequestCounts\x12\x1d\n\x15max_sessions_per_peer\x18\r \x01(\r\x12\x1d\n\x15max_requests_per_peer\x18\x0e \x01(\r\x12\x1c\n\x14max_session_lifetime\x18\x0f \x01(\x01\"\x95\x01\n\rRequestCounts\x12\x17\n\x0fsessions_opened\x18\x01 \x01(\x04\x12\x17\n\x0finference_steps\x18\x02 \x01(\x04\x12\x10\n\x08\x66orwards\x18\x03 \x01(\x04\x12\x11\n\tbackwards\x18\x04 \x01(\x04\x12\x17\n\x0fmerged_forwards\x18< \x01(\x04\x12\x14\n\x0cmerged_steps\x18= \x01(\x04\">\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x06tensor\x18\x02 \x01(\x0b\x32\x11.swarm.rpc.Tensor\"\xa9\x01\n\x07\x41\x64\x61pter\x12\x11\n\tlora_rank\x18\x01 \x01(\r\x12\x12\n\nlora_alpha\x18\x02 \x01(\x02\x12\x14\n\x0clora_dropout\x18\x03 \x01(\x02\x12\x12\n\nuse_rslora\x18\x04 \x01(\x08\x12$\n\x04lora\x18\x05 \x03(\x0b\x32\x16.swarm.rpc.NamedTensor\x12\'\n\x0c\x64\x65\x65p_prompts\x18\x06 \x01(\x0b\x32\x11.swarm.rpc.Tensor\"\xd8\x01\n\x0e\x46orwardRequest\x12\x1d\n\x04span\x18\x01 \x01(\x0b\x32\x0f.swarm.rpc.Span\x12(\n\rhidden_states\x18\x02 \x01(\x0b\x32\x11.swarm.rpc.Tensor\x12\x16\n\x0eresponse_codec\x18\x03 \x01(\t\x12#\n\x07\x61\x64\x61pter\x18\x04 \x01(\x0b\x32\x12.swarm.rpc.Adapter\x12\x12\n\nforward_id\x18\x05 \x01(\x04\x12\x14\n\x0c\x64ropout_seed\x18\x06 \x01(\x04\x12\x16\n\x0e\x61ttention_mask\x18\x07 \x01(\x0c\"\x82\x02\n\x0f\x42\x61\x63kwardRequest\x12\x1d\n\x04span\x18\x01 \x01(\x0b\x32\x0f.swarm.rpc.Span\x12(\n\rhidden_states\x18\x02 \x01(\x0b\x32\x11.swarm.rpc.Tensor\x12\'\n\x0cgrad_outputs\x18\x03 \x01(\x0b\x32\x11.swarm.rpc.Tensor\x12\x16\n\x0eresponse_codec\x18\x04 \x01(\t\x12#\n\x07\x61\x64\x61pter\x18\x05 \x01(\x0b\x32\x12.swarm.rpc.Adapter\x12\x12\n\nforward_id\x18\x06 \x01(\x04\x12\x14\n\x0c\x64ropout_seed\x18\x07 \x01(\x04\x12\x16\n\x0e\x61ttention_mask\x18\x08 \x01(\x0c\"\xb5\x01\n\x10\x42\x61\x63kwardResponse\x12&\n\x0bgrad_inputs\x18\x01 \x01(\x0b\x32\x11.swarm.rpc.Tensor\x12*\n\nlora_grads\x18\x02 \x03(\x0b\x32\x16.swarm.rpc.NamedTensor\x12,\n\x11\x64\x65\x65p_prompt_grads\x18\x03 \x01(\x0b\x32\x11.swarm.rpc.Tensor\x12\x1f\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x10.swarm.rpc.Error\"\\\n\x0f\x46orwardResponse\x12(\n\rhidden_states\x18\x01 \x01(\x0b\x32\x11.swarm.rpc.Tensor\x12\x1f\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x10.swarm.rpc.Error\"o\n\x10InferenceRequest\x12&\n\x04open\x18\x01 \x01(\x0b\x32\x16.swarm.rpc.SessionOpenH\x00\x12(\n\x04step\x18\x02 \x01(\x0b\x32\x18.swarm.rpc.InferenceStepH\x00\x42\t\n\x07request\"\x91\x01\n\x0bSessionOpen\x12\x1d\n\x04span\x18\x01 \x01(\x0b\x32\x0f.swarm.rpc.Span\x12\x12\n\nmax_length\x18\x02 \x01(\r\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x16\n\x0eresponse_codec\x18\x04 \x01(\t\x12#\n\x07\x61\x64\x61pter\x18\x05 \x01(\x0b\x32\x12.swarm.rpc.Adapter\"\x85\x01\n\rInferenceStep\x12(\n\rhidden_states\x18\x01 \x01(\x0b\x32\x11.swarm.rpc.Tensor\x12\x10\n\x08position\x18\x02 \x01(\r\x12\x0f\n\x07step_id\x18\x03 \x01(\x04\x12\x16\n\x0e\x61ttention_mask\x18\x04 \x01(\x0c\x12\x0f\n\x07reorder\x18\x05 \x03(\r\"\x95\x01\n\x11InferenceResponse\x12*\n\x06opened\x18\x01 \x01(\x0b\x32\x18.swarm.rpc.SessionOpenedH\x00\x12%\n\x04step\x18\x02 \x01(\x0b\x32\x15.swarm.rpc.StepResultH\x00\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x10.swarm.rpc.ErrorH\x00\x42\n\n\x08response\"C\n\rSessionOpened\x12\x12\n\nmax_length\x18\x01 \x01(\r\x12\x1e\n\x16max_tokens_per_request\x18\x02 \x01(\r\"Y\n\nStepResult\x12(\n\rhidden_states\x18\x01 \x01(\x0b\x32\x11.swarm.rpc.Tensor\x12\x10\n\x08position\x18\x02 \x01(\r\x12\x0f\n\x07step_id\x18\x03 \x01(\x04\"%\n\x13ReachabilityRequest\x12\x0e\n\x06maddrs\x18\x01 \x03(\t\"8\n\x14ReachabilityResponse\x12\x11\n\treachable\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,34 +45,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFOREQUEST']._serialized_end=368
   _globals['_INFORESPONSE']._serialized_start=371
   _globals['_INFORESPONSE']._serialized_end=779
-  _globals['_REQUESTCOUNTS']._serialized_start=781
-  _globals['_REQUESTCOUNTS']._serialized_end=883
-  _globals['_NAMEDTENSOR']._serialized_start=885
-  _globals['_NAMEDTENSOR']._serialized_end=947
-  _globals['_ADAPTER']._serialized_start=950
-  _globals['_ADAPTER']._serialized_end=1119
-  _globals['_FORWARDREQUEST']._serialized_start=1122
-  _globals['_FORWARDREQUEST']._serialized_end=1338
-  _globals['_BACKWARDREQUEST']._serialized_start=1341
-  _globals['_BACKWARDREQUEST']._serialized_end=1599
-  _globals['_BACKWARDRESPONSE']._serialized_start=1602
-  _globals['_BACKWARDRESPONSE']._serialized_end=1783
-  _globals['_FORWARDRESPONSE']._serialized_start=1785
-  _globals['_FORWARDRESPONSE']._serialized_end=1877
-  _globals['_INFERENCEREQUEST']._serialized_start=1879
-  _globals['_INFERENCEREQUEST']._serialized_end=1990
-  _globals['_SESSIONOPEN']._serialized_start=1993
-  _globals['_SESSIONOPEN']._serialized_end=2138
-  _globals['_INFERENCESTEP']._serialized_start=2141
-  _globals['_INFERENCESTEP']._serialized_end=2274
-  _globals['_INFERENCERESPONSE']._serialized_start=2277
-  _globals['_INFERENCERESPONSE']._serialized_end=2426
-  _globals['_SESSIONOPENED']._serialized_start=2428
-  _globals['_SESSIONOPENED']._serialized_end=2495
-  _globals['_STEPRESULT']._serialized_start=2497
-  _globals['_STEPRESULT']._serialized_end=2586
-  _globals['_REACHABILITYREQUEST']._serialized_start=2588
-  _globals['_REACHABILITYREQUEST']._serialized_end=2625
-  _globals['_REACHABILITYRESPONSE']._serialized_start=2627
-  _globals['_REACHABILITYRESPONSE']._serialized_end=2683
+  _globals['_REQUESTCOUNTS']._serialized_start=782
+  _globals['_REQUESTCOUNTS']._serialized_end=931
+  _globals['_NAMEDTENSOR']._serialized_start=933
+  _globals['_NAMEDTENSOR']._serialized_end=995
+  _globals['_ADAPTER']._serialized_start=998
+  _globals['_ADAPTER']._serialized_end=1167
+  _globals['_FORWARDREQUEST']._serialized_start=1170
+  _globals['_FORWARDREQUEST']._serialized_end=1386
+  _globals['_BACKWARDREQUEST']._serialized_start=1389
+  _globals['_BACKWARDREQUEST']._serialized_end=1647
+  _globals['_BACKWARDRESPONSE']._serialized_start=1650
+  _globals['_BACKWARDRESPONSE']._serialized_end=1831
+  _globals['_FORWARDRESPONSE']._serialized_start=1833
+  _globals['_FORWARDRESPONSE']._serialized_end=1925
+  _globals['_INFERENCEREQUEST']._serialized_start=1927
+  _globals['_INFERENCEREQUEST']._serialized_end=2038
+  _globals['_SESSIONOPEN']._serialized_start=2041
+  _globals['_SESSIONOPEN']._serialized_end=2186
+  _globals['_INFERENCESTEP']._serialized_start=2189
+  _globals['_INFERENCESTEP']._serialized_end=2322
+  _globals['_INFERENCERESPONSE']._serialized_start=2325
+  _globals['_INFERENCERESPONSE']._serialized_end=2474
+  _globals['_SESSIONOPENED']._serialized_start=2476
+  _globals['_SESSIONOPENED']._serialized_end=2543
+  _globals['_STEPRESULT']._serialized_start=2545
+  _globals['_STEPRESULT']._serialized_end=2634
+  _globals['_REACHABILITYREQUEST']._serialized_start=2636
+  _globals['_REACHABILITYREQUEST']._serialized_end=2673
+  _globals['_REACHABILITYRESPONSE']._serialized_start=2675
+  _globals['_REACHABILITYRESPONSE']._serialized_end=2731
 # @@protoc_insertion_point(module_scope)
