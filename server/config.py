@@ -6,6 +6,7 @@ import dataclasses
 
 from swarm.dht import check_maddrs
 from swarm.errors import ConfigError
+from swarm.server.compute_worker import DEFAULT_MAX_MERGED_STEPS
 from swarm.server.quantization import QUANT_TYPES
 from swarm.limits import (
     DEFAULT_MAX_BATCH_SIZE,
@@ -66,6 +67,10 @@ class ServerConfig:
     max_requests_per_peer: int = _field(DEFAULT_MAX_REQUESTS_PER_PEER, "forward/backward requests one peer may have in progress at once")
     max_session_lifetime: float = _field(DEFAULT_MAX_SESSION_LIFETIME, "seconds an inference session may stay open before the server closes it")
     request_timeout: float = _field(DEFAULT_REQUEST_TIMEOUT, "seconds a request may take to arrive whole (a slow sender is cut off)")
+    max_merged_steps: int = _field(
+        DEFAULT_MAX_MERGED_STEPS,
+        "most decode steps of different sessions run as one batched forward (within --max-tokens-per-request tokens); 1 = never merge",
+    )
     activation_store_mb: int = _field(1024, "memory for forwards kept for their backward (training); beyond it, backward recomputes")
     public_name: str = _field("", "a name to show as this server's contributor (e.g. on the health page)")
 
@@ -75,7 +80,8 @@ class ServerConfig:
         if not self.new_swarm and not self.initial_peers:
             raise ConfigError("pass --initial-peers MADDR... to join a swarm, or --new-swarm to start one")
         for name in ("attn_cache_tokens", "max_batch_size", "max_tokens_per_request", "max_session_length", "max_lora_rank",
-                     "max_sessions_per_peer", "max_requests_per_peer", "max_session_lifetime", "request_timeout"):
+                     "max_sessions_per_peer", "max_requests_per_peer", "max_session_lifetime", "request_timeout",
+                     "max_merged_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
         if self.blocks is not None and self.num_blocks is not None:

@@ -186,7 +186,7 @@ class Server:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        worker = ComputeWorker()
+        worker = ComputeWorker(max_merged_steps=cfg.max_merged_steps, max_merged_tokens=cfg.max_tokens_per_request)
         worker.start()
         budget = CacheBudget(cfg.attn_cache_tokens * self.runner.kv_bytes_per_token(self.runner.start, self.runner.end))
         limits = RequestLimits(
