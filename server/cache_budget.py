@@ -2,7 +2,8 @@
 
 A session reserves, when it opens, the keys and values of `batch_size * max_length` tokens over its
 blocks (bytes per token from the model's shape and dtype, `SpanRunner.kv_bytes_per_token`) plus
-the adapter tensors it keeps for its lifetime, and gives them back when it closes. An open that
+the adapter tensors it keeps for its lifetime, and gives them back when it closes. The session's
+cache (server/kv_cache.py SessionCache) allocates exactly those keys and values when it opens. An open that
 does not fit waits a bounded time for room, then is refused with CacheFull naming the sizes.
 The operator sizes it in tokens of the whole span (`--attn-cache-tokens`), which is what servers
 announce; the bytes are what is enforced, so a session with a large adapter costs what it holds.

@@ -1,0 +1,227 @@
+#!/usr/bin/env python
+"""Throughput of concurrent inference sessions on a local swarm: what merging decode steps buys.
+
+For 1, 4, 8 and 16 sessions at once (threads sharing one client, each session its own prompt and
+`generate()` of N greedy tokens), measures the aggregate tokens/s and each session's per-token
+latency, on a 2-server swarm of the default model with merged decode steps (the default) and,
+for comparison in the same run, on one with merging off (`--max-merged-steps 1`). Also reports the
+servers' merged forwards (mean steps per forward), whether every session got the tokens it gets
+alone (local transformers' greedy tokens), and where the CPU time went (this process, i.e. the clients' embeddings, LM heads and
+generate loops, against the servers), since clients and servers share this machine's cores.
+Prints a table and writes JSON.
+
+    python scripts/bench_throughput.py                      # 1 4 8 16 sessions, 64 tokens, merged and unmerged
+    python scripts/bench_throughput.py --sessions 1 8 --no-unmerged --output bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+# Before torch loads OpenMP: this process shares the cores with the servers (see
+# swarm.client.local_processes.SHARED_CORES_ENV).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import psutil  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria  # noqa: E402
+
+from swarm import AutoDistributedModelForCausalLM  # noqa: E402
+from swarm.cli.logs import configure_logging  # noqa: E402
+from swarm.client.event_loop import run_sync  # noqa: E402
+from swarm.client.local_processes import LocalSwarm  # noqa: E402
+from swarm.client.local_swarm import split_blocks  # noqa: E402
+from swarm.families import load_config  # noqa: E402
+from swarm.model_source import DEFAULT_MODEL, resolve_model  # noqa: E402
+from swarm.transport import call_unary  # noqa: E402
+from swarm.wire import swarm_rpc_pb2 as pb  # noqa: E402
+from swarm.wire.rpc import RPC_INFO  # noqa: E402
+
+logger = logging.getLogger("swarm.bench")
+
+QUESTIONS = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "What is the capital of France?",
+    "Name three rivers in Europe.",
+    "Explain in simple words why the sky is blue, and why sunsets are red.",
+    "Hi!",
+    "List five fruits that are yellow.",
+    "How do bees make honey? Answer in two sentences.",
+    "Translate 'good morning' into French, Spanish and German.",
+]
+
+
+class TokenClock(StoppingCriteria):
+    """Records when each new token is ready (generate calls this once per step); never stops."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> torch.BoolTensor:
+        self.stamps.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+def served(model: torch.nn.Module) -> dict[str, pb.RequestCounts]:
+    client = model.swarm_client
+    peers = {peer for servers in run_sync(client.fetch_blocks()) for peer in servers}
+    return {peer: run_sync(call_unary(client.p2p, peer, RPC_INFO, pb.InfoRequest(), pb.InfoResponse, 10.0)).served for peer in peers}
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        times = psutil.Process(pid).cpu_times()
+        total += times.user + times.system
+    return total
+
+
+def run_sessions(model: torch.nn.Module, prompts: list[torch.Tensor], new_tokens: int, server_pids: list[int]) -> dict:
+    """All prompts at once, one session each: aggregate tokens/s, per-session per-token latency, merges, CPU split."""
+    start = threading.Barrier(len(prompts) + 1)
+
+    def one(prompt: torch.Tensor) -> tuple[torch.Tensor, TokenClock, float]:
+        clock = TokenClock()
+        start.wait()
+        began = time.perf_counter()
+        with torch.inference_mode():
+            output = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                    stopping_criteria=[clock])
+        return output[0, prompt.shape[1]:], clock, began
+
+    before = served(model)
+    cpu_client, cpu_servers = time.process_time(), cpu_seconds(server_pids)
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        futures = [pool.submit(one, prompt) for prompt in prompts]
+        start.wait()
+        began = time.perf_counter()
+        results = [future.result() for future in futures]
+    wall = time.perf_counter() - began
+    cpu_client, cpu_servers = time.process_time() - cpu_client, cpu_seconds(server_pids) - cpu_servers
+    after = served(model)
+    merged_forwards = sum(after[p].merged_forwards - before[p].merged_forwards for p in after)
+    merged_steps = sum(after[p].merged_steps - before[p].merged_steps for p in after)
+    steps = sum(after[p].inference_steps - before[p].inference_steps for p in after)
+    per_token = [statistics.mean(b - a for a, b in zip(clock.stamps, clock.stamps[1:])) * 1e3 for _, clock, _ in results]
+    forwards = steps - merged_steps + merged_forwards
+    return {
+        "sessions": len(prompts),
+        "wall_s": wall,
+        "tokens_per_s": len(prompts) * new_tokens / wall,
+        "per_token_ms_median": statistics.median(per_token),
+        "per_token_ms_max": max(per_token),
+        "ttft_ms_median": statistics.median((clock.stamps[0] - began) * 1e3 for _, clock, began in results),
+        "server_steps": steps,
+        "server_forwards": forwards,
+        "steps_per_forward": steps / forwards if forwards else 0.0,
+        "cpu_s_per_token_client": cpu_client / (len(prompts) * new_tokens),
+        "cpu_s_per_token_servers": cpu_servers / (len(prompts) * new_tokens),
+        "tokens": [tokens.tolist() for tokens, _, _ in results],
+    }
+
+
+def measure_swarm(checkpoint: Path, ranges: list[str], args: argparse.Namespace, prompts: list[torch.Tensor], *flags: str) -> list[dict]:
+    swarm = LocalSwarm()
+    remote = None
+    try:
+        swarm.start_dht()
+        servers = swarm.start_servers(checkpoint, ranges, "--num-threads", str(args.threads), *flags)
+        pids = [server.pid for server in servers]
+        remote = AutoDistributedModelForCausalLM.from_pretrained(checkpoint, initial_peers=swarm.initial_peers, wire_codec=args.codec)
+        run_sessions(remote, prompts[:1], 4, pids)  # warm-up: connections, first-call costs
+        rows = []
+        for count in args.sessions:
+            chosen = [prompts[index % len(prompts)] for index in range(count)]
+            runs = [run_sessions(remote, chosen, args.new_tokens, pids) for _ in range(args.repeats)]
+            best = sorted(runs, key=lambda run: run["tokens_per_s"])[len(runs) // 2]  # the median run
+            rows.append(best)
+            logger.info("%s: %d sessions, %.1f tokens/s", " ".join(flags) or "merged", count, best["tokens_per_s"])
+        return rows
+    finally:
+        if remote is not None:
+            remote.swarm_client.shutdown()
+        swarm.stop()
+
+
+def relative(rows: list[dict], reference: dict[int, list[int]]) -> None:
+    """Ratios against the one-session row of the same setup, and token equality with local transformers."""
+    alone = rows[0]
+    for row in rows:
+        row["tokens_per_s_vs_one"] = row["tokens_per_s"] / alone["tokens_per_s"]
+        row["per_token_vs_one"] = row["per_token_ms_median"] / alone["per_token_ms_median"]
+        row["same_tokens_as_local"] = all(
+            tokens == reference[index % len(QUESTIONS)] for index, tokens in enumerate(row["tokens"])
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or alias (default: %(default)s)")
+    parser.add_argument("--servers", type=int, default=2, help="servers splitting the blocks (default: %(default)s)")
+    parser.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 8, 16], help="concurrent sessions (default: %(default)s)")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens each session generates (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per row; the median run is reported (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per server and here (default: %(default)s)")
+    parser.add_argument("--codec", default="none", help="wire codec (default: %(default)s, so tokens can be compared exactly)")
+    parser.add_argument("--no-unmerged", action="store_true", help="skip the comparison swarm with --max-merged-steps 1")
+    parser.add_argument("--output", type=Path, default=Path("bench-results/throughput.json"), help="JSON file (default: %(default)s)")
+    args = parser.parse_args()
+    if args.sessions[0] != 1:
+        parser.error("--sessions must start with 1: every figure is relative to one session")
+    configure_logging()
+    torch.set_num_threads(args.threads)
+
+    checkpoint = resolve_model(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+        for question in QUESTIONS
+    ]
+    ranges = split_blocks(load_config(checkpoint).num_hidden_layers, args.servers)
+    local = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        reference = {
+            index: local.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)[
+                0, prompt.shape[1]:].tolist()
+            for index, prompt in enumerate(prompts[: max(args.sessions)])
+        }
+    del local
+    setups = {"merged": measure_swarm(checkpoint, ranges, args, prompts)}
+    if not args.no_unmerged:
+        setups["unmerged"] = measure_swarm(checkpoint, ranges, args, prompts, "--max-merged-steps", "1")
+    for rows in setups.values():
+        relative(rows, reference)
+
+    result = {
+        "model": checkpoint.name, "servers": ranges, "threads": args.threads, "codec": args.codec,
+        "new_tokens": args.new_tokens, "repeats": args.repeats, "cpu_count": os.cpu_count(),
+        "note": "clients and servers share this machine's cores; the machine was shared with other jobs",
+        "setups": {name: [{k: v for k, v in row.items() if k != "tokens"} for row in rows] for name, rows in setups.items()},
+    }
+    print(f"\nmodel {checkpoint.name}, fp32, servers {', '.join(ranges)}, {args.threads} torch threads each, wire {args.codec}, "
+          f"{args.new_tokens} tokens per session, {os.cpu_count()} cores shared by clients and servers")
+    header = (f"{'setup':<10}{'sessions':>9}{'tokens/s':>10}{'x one':>7}{'per-token ms':>14}{'x one':>7}{'TTFT ms':>9}"
+              f"{'steps/fwd':>10}{'cpu ms/tok client':>18}{'servers':>9}{'exact':>7}")
+    print(header)
+    for name, rows in setups.items():
+        for row in rows:
+            print(f"{name:<10}{row['sessions']:>9}{row['tokens_per_s']:>10.1f}{row['tokens_per_s_vs_one']:>7.2f}"
+                  f"{row['per_token_ms_median']:>14.1f}{row['per_token_vs_one']:>7.2f}{row['ttft_ms_median']:>9.0f}"
+                  f"{row['steps_per_forward']:>10.2f}{row['cpu_s_per_token_client'] * 1e3:>18.1f}"
+                  f"{row['cpu_s_per_token_servers'] * 1e3:>9.1f}{str(row['same_tokens_as_local']):>7}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
