@@ -8,7 +8,9 @@ for comparison in the same run, on one with merging off (`--max-merged-steps 1`)
 servers' merged forwards (mean steps per forward), whether every session got the tokens it gets
 alone (local transformers' greedy tokens), and where the CPU time went (this process, i.e. the clients' embeddings, LM heads and
 generate loops, against the servers), since clients and servers share this machine's cores.
-Prints a table and writes JSON.
+Also measures one server's compute alone, in this process: a decode step of n sessions merged into one
+forward against one session's, which is what merging saves a server whatever the clients do.
+Prints tables and writes JSON.
 
     python scripts/bench_throughput.py                      # 1 4 8 16 sessions, 64 tokens, merged and unmerged
     python scripts/bench_throughput.py --sessions 1 8 --no-unmerged --output bench.json
@@ -39,7 +41,11 @@ from swarm.cli.logs import configure_logging  # noqa: E402
 from swarm.client.event_loop import run_sync  # noqa: E402
 from swarm.client.local_processes import LocalSwarm  # noqa: E402
 from swarm.client.local_swarm import split_blocks  # noqa: E402
-from swarm.families import load_config  # noqa: E402
+from swarm.families import family_of, load_config  # noqa: E402
+from swarm.server.block_loader import load_span_layers  # noqa: E402
+from swarm.server.inference_steps import InferenceStep, run_steps  # noqa: E402
+from swarm.server.kv_cache import SessionCache  # noqa: E402
+from swarm.server.span_runner import SpanRunner  # noqa: E402
 from swarm.model_source import DEFAULT_MODEL, resolve_model  # noqa: E402
 from swarm.transport import call_unary  # noqa: E402
 from swarm.wire import swarm_rpc_pb2 as pb  # noqa: E402
@@ -151,6 +157,37 @@ def measure_swarm(checkpoint: Path, ranges: list[str], args: argparse.Namespace,
         swarm.stop()
 
 
+def server_compute(checkpoint: Path, block_range: str, prompt_lengths: list[int], counts: list[int], repeats: int = 8) -> list[dict]:
+    """One server's compute alone, in this process: a decode step of n sessions merged into one forward
+    (sessions at different positions, as in the swarm runs) against one session's step; medians of `repeats`."""
+    config = load_config(checkpoint)
+    start, end = (int(part) for part in block_range.split(":"))
+    runner = SpanRunner(config, family_of(config), start, load_span_layers(checkpoint, config, family_of(config), start, end, torch.float32))
+    hidden = config.hidden_size
+    caches = []
+    for index in range(max(counts)):
+        length = prompt_lengths[index % len(prompt_lengths)]
+        cache = SessionCache(config, start, end, 1, length + repeats + 1, torch.float32)
+        with torch.inference_mode():
+            runner(torch.randn(1, length, hidden), start, end, cache=cache)
+        caches.append(cache)
+    times: dict[int, list[float]] = {count: [] for count in counts}
+    for _ in range(repeats):
+        for count in counts:  # interleaved, so that a noisy moment hits every count alike
+            steps = [InferenceStep(runner, start, end, torch.randn(1, 1, hidden), cache.length, cache, None, None)
+                     for cache in caches[:count]]
+            began = time.perf_counter()
+            run_steps(steps)
+            times[count].append(time.perf_counter() - began)
+    one = statistics.median(times[counts[0]])
+    return [
+        {"sessions": count, "ms_per_forward": statistics.median(times[count]) * 1e3,
+         "forward_vs_one": statistics.median(times[count]) / one,
+         "tokens_per_s": count / statistics.median(times[count])}
+        for count in counts
+    ]
+
+
 def relative(rows: list[dict], reference: dict[int, list[int]]) -> None:
     """Ratios against the one-session row of the same setup, and token equality with local transformers."""
     alone = rows[0]
@@ -195,6 +232,7 @@ def main() -> None:
             for index, prompt in enumerate(prompts[: max(args.sessions)])
         }
     del local
+    compute = server_compute(checkpoint, ranges[0], [prompt.shape[1] for prompt in prompts], args.sessions)
     setups = {"merged": measure_swarm(checkpoint, ranges, args, prompts)}
     if not args.no_unmerged:
         setups["unmerged"] = measure_swarm(checkpoint, ranges, args, prompts, "--max-merged-steps", "1")
@@ -205,6 +243,7 @@ def main() -> None:
         "model": checkpoint.name, "servers": ranges, "threads": args.threads, "codec": args.codec,
         "new_tokens": args.new_tokens, "repeats": args.repeats, "cpu_count": os.cpu_count(),
         "note": "clients and servers share this machine's cores; the machine was shared with other jobs",
+        "server_compute": {"blocks": ranges[0], "rows": compute},
         "setups": {name: [{k: v for k, v in row.items() if k != "tokens"} for row in rows] for name, rows in setups.items()},
     }
     print(f"\nmodel {checkpoint.name}, fp32, servers {', '.join(ranges)}, {args.threads} torch threads each, wire {args.codec}, "
@@ -218,6 +257,10 @@ def main() -> None:
                   f"{row['per_token_ms_median']:>14.1f}{row['per_token_vs_one']:>7.2f}{row['ttft_ms_median']:>9.0f}"
                   f"{row['steps_per_forward']:>10.2f}{row['cpu_s_per_token_client'] * 1e3:>18.1f}"
                   f"{row['cpu_s_per_token_servers'] * 1e3:>9.1f}{str(row['same_tokens_as_local']):>7}")
+    print(f"\none server's compute alone (blocks {ranges[0]}, this process, {args.threads} torch threads): a decode step of n sessions merged into one forward")
+    print(f"{'sessions':>9}{'ms/forward':>12}{'x one':>7}{'tokens/s':>10}")
+    for row in compute:
+        print(f"{row['sessions']:>9}{row['ms_per_forward']:>12.1f}{row['forward_vs_one']:>7.2f}{row['tokens_per_s']:>10.1f}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.output}")

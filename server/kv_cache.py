@@ -119,6 +119,10 @@ class SessionCache(Cache):
     def span_layers(self) -> list[PreallocatedLayer]:
         return self.layers[self.start : self.end]  # type: ignore[return-value]
 
+    def block(self, index: int) -> PreallocatedLayer:
+        """The cache of block `index` (absolute), which must be in the span."""
+        return self.span_layers()[index - self.start]
+
     @property
     def length(self) -> int:
         """Positions held (the same in every block once a step is complete)."""
@@ -170,7 +174,7 @@ class MergedLayer(CacheLayerMixin):
         row = 0
         for member in self.members:
             rows = slice(row, row + member.rows)
-            own_keys, own_values = member.cache.layers[self.index].update(key_states[rows], value_states[rows])
+            own_keys, own_values = member.cache.block(self.index).update(key_states[rows], value_states[rows])
             length = own_keys.shape[-2]
             keys[rows, :, self.total - length :] = own_keys
             values[rows, :, self.total - length :] = own_values
