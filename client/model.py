@@ -218,6 +218,7 @@ class AutoDistributedModelForCausalLM:
         tuning_mode: str | None = None,
         pre_seq_len: int = 0,
         verify_fraction: float = 0.0,
+        push: bool = True,
     ) -> PreTrainedModel:
         """Load the local parts of `model` (a checkpoint directory or an alias such as 'smollm2').
 
@@ -230,6 +231,8 @@ class AutoDistributedModelForCausalLM:
         added before every block), with `pre_seq_len` prompt tokens; LoRA comes via add_adapter().
         `verify_fraction`: the fraction of forward hops and inference steps to re-run on independent
         servers and compare (spot checks); a server caught lying is banned for good in this client.
+        `push`: inference steps go from server to server, the last one answering the client (False:
+        every hop's output comes back to the client before the next hop, as a comparison).
         """
         if not initial_peers:
             raise ConfigError("initial_peers=[...] is required: the multiaddrs printed by swarm-dht or a server")
@@ -249,6 +252,7 @@ class AutoDistributedModelForCausalLM:
             allowed_servers=allowed_servers,
             blocked_servers=blocked_servers,
             codecs=WireCodecs(wire_codec, response_codec or wire_codec),
+            push=push,
         )
         distributed.model.layers = nn.ModuleList([RemoteSequential(client, distributed.request_adapter)])
         _load_local_weights(distributed, checkpoint, family, torch_dtype)
