@@ -341,6 +341,7 @@ class SpanHandlers:
     async def _run_pushed(self, session: ServerSession, step: pb.InferenceStep, hidden: torch.Tensor) -> None:
         try:
             await self._run_step(session, step, hidden)
+            self.served.pushed_steps += 1
         except Exception as e:
             session.fail(e)
 

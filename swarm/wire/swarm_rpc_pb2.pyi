@@ -96,16 +96,18 @@ class InfoResponse(_message.Message):
     def __init__(self, version: _Optional[str] = ..., dht_prefix: _Optional[str] = ..., span: _Optional[_Union[Span, _Mapping]] = ..., hidden_size: _Optional[int] = ..., torch_dtype: _Optional[str] = ..., cache_tokens_left: _Optional[int] = ..., codecs: _Optional[_Iterable[str]] = ..., max_batch_size: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., max_session_length: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., served: _Optional[_Union[RequestCounts, _Mapping]] = ..., max_sessions_per_peer: _Optional[int] = ..., max_requests_per_peer: _Optional[int] = ..., max_session_lifetime: _Optional[float] = ...) -> None: ...
 
 class RequestCounts(_message.Message):
-    __slots__ = ("sessions_opened", "inference_steps", "forwards", "backwards")
+    __slots__ = ("sessions_opened", "inference_steps", "forwards", "backwards", "pushed_steps")
     SESSIONS_OPENED_FIELD_NUMBER: _ClassVar[int]
     INFERENCE_STEPS_FIELD_NUMBER: _ClassVar[int]
     FORWARDS_FIELD_NUMBER: _ClassVar[int]
     BACKWARDS_FIELD_NUMBER: _ClassVar[int]
+    PUSHED_STEPS_FIELD_NUMBER: _ClassVar[int]
     sessions_opened: int
     inference_steps: int
     forwards: int
     backwards: int
-    def __init__(self, sessions_opened: _Optional[int] = ..., inference_steps: _Optional[int] = ..., forwards: _Optional[int] = ..., backwards: _Optional[int] = ...) -> None: ...
+    pushed_steps: int
+    def __init__(self, sessions_opened: _Optional[int] = ..., inference_steps: _Optional[int] = ..., forwards: _Optional[int] = ..., backwards: _Optional[int] = ..., pushed_steps: _Optional[int] = ...) -> None: ...
 
 class NamedTensor(_message.Message):
     __slots__ = ("name", "tensor")
