@@ -126,23 +126,29 @@ class InferenceSession:
         Each session accepts pushes from the hop before it: `pusher` (the server before `start`, if any) for the first.
         """
         route = await self.client.inference_route(start, end, min_cache_tokens=self.batch_size * self.max_length)
-        hops: list[_Hop] = []
+        spans = [
+            SpanSession(
+                self.client.p2p, planned.peer_id, planned.start, planned.end, self.max_length, self.batch_size, self.client.codecs,
+                self.adapter.message(planned.start, planned.end) if self.adapter is not None else None,
+                pushers=[previous] if previous is not None else [],
+            )
+            for planned, previous in zip(route, [pusher, *(planned.peer_id for planned in route[:-1])])
+        ]
+        opened = await asyncio.gather(*(span.open() for span in spans), return_exceptions=True)  # one round trip for all
+        hops = [_Hop(span) for span, error in zip(spans, opened) if error is None]
         try:
-            for planned in route:
-                adapter = self.adapter.message(planned.start, planned.end) if self.adapter is not None else None
-                previous = hops[-1].peer_id if hops else pusher
-                span = SpanSession(
-                    self.client.p2p, planned.peer_id, planned.start, planned.end, self.max_length, self.batch_size,
-                    self.client.codecs, adapter, pushers=[previous] if previous is not None else [],
-                )
-                try:
-                    await span.open()
-                    hops.append(_Hop(span))
-                    if history is not None:
-                        hops[-1].record(0, history)
-                        history = await span.step(history, 0, history_mask)  # split within the server's limits
-                except BLAMABLE as e:
-                    raise ServerFailure(planned.peer_id, e) from e
+            for span, error in zip(spans, opened):
+                if isinstance(error, BaseException):
+                    if isinstance(error, BLAMABLE):
+                        raise ServerFailure(span.peer_id, error) from error
+                    raise error
+            for hop in hops:
+                if history is not None:
+                    hop.record(0, history)
+                    try:
+                        history = await hop.span.step(history, 0, history_mask)  # split within the server's limits
+                    except BLAMABLE as e:
+                        raise ServerFailure(hop.peer_id, e) from e
         except BaseException:
             await _close_all(hops)
             raise
