@@ -1,10 +1,17 @@
 """An inference session across the whole route, surviving servers that fail mid-generation.
 
-One server-side session (stream) per hop. The session's position is the number of tokens per
-sequence whose keys and values the servers hold; a step may start below it (the servers roll
-their caches back), never above it. Each hop keeps the hidden states it was sent, so when its
-server fails the client bans that server, opens a new chain for the same blocks, replays the
-history there, and carries on at the same position: the tokens are the same as without failure.
+One server-side session (stream) per hop. This object is the one owner of the client's session
+state: the position (tokens per sequence whose keys and values the servers hold), prompt tuning's
+prefix, the token history that lets a later generate() reuse a shared prefix, the padding mask and
+each hop's inputs. A step may start below the position (the servers roll their caches back), never
+above it. When a server fails, the client bans it, opens a new chain for the same blocks, replays
+that hop's inputs there, and carries on at the same position: the tokens are the same as without
+failure.
+
+Steps are pushed server to server when the client allows it (`SwarmClient.push`): the client sends
+to the first server only, each server pushes its output to the next one's session and reports it
+to the client too, and the last one answers. Those reports fill the replay records off the critical
+path (`_settle`); any break in the chain sends the step on through the client from where it broke.
 """
 
 from __future__ import annotations
@@ -15,13 +22,13 @@ import logging
 
 import torch
 
-from swarm.errors import InvalidRequest, RemoteError, RoutingError
+from swarm.errors import InvalidRequest, RemoteError
 from swarm.limits import PUSH_MAX_BYTES, STEP_TIMEOUT
 from swarm.wire import swarm_rpc_pb2 as pb
 from swarm.wire.codecs import extend_padding_mask
 from swarm.client.adapters import RequestAdapter
 from swarm.client.event_loop import run_sync
-from swarm.client.retry import BLAMABLE, ServerFailure, with_rerouting
+from swarm.client.retry import BLAMABLE, Attempts, ServerFailure, with_rerouting
 from swarm.client.routing import RouteHop
 from swarm.client.span_session import SpanSession, next_step_id
 from swarm.client.swarm_client import SwarmClient
@@ -101,6 +108,34 @@ class InferenceSession:
         # Which positions hold real tokens, (batch, position), True = real; None while nothing was padded.
         # The servers keep their own copy; this one is for replaying history after a failover.
         self.padding_mask: torch.Tensor | None = None
+
+    @property
+    def tokens_seen(self) -> int:
+        """Tokens per sequence the servers hold, not counting prompt tuning's trainable prompts before them."""
+        return self.position - self.prefix_length
+
+    def resume(self, inputs: torch.Tensor | None) -> torch.Tensor:
+        """Get ready for a generate() call on `inputs` (batch, seq) (None: continue the last one's output):
+        reuse the longest prefix the servers hold, at least one token being new. Returns the inputs."""
+        if inputs is None:
+            if self.last_output is None:
+                raise InvalidRequest("generate(None) continues a session, but this session has generated nothing yet")
+            inputs = self.last_output
+        reused = min(_common_prefix_length(self.token_ids, inputs), inputs.shape[1] - 1)
+        if reused == 0:
+            self.position = self.prefix_length = 0  # start over: prompts (if any) go in again
+        else:
+            self.position = self.prefix_length + reused
+        return inputs
+
+    def prompts_sent(self, length: int) -> None:
+        """Prompt tuning put `length` trainable prompts before the tokens at position 0."""
+        self.prefix_length = length
+
+    def generated(self, sequences: torch.Tensor) -> None:
+        """What a generate() call returned (batch, seq): the servers hold all of it but maybe the last token."""
+        self.token_ids = sequences[:, : self.tokens_seen]
+        self.last_output = sequences
 
     @property
     def route(self) -> list[RouteHop]:
@@ -267,7 +302,7 @@ class InferenceSession:
         hidden_states = step.hidden_states if hidden_states is None else hidden_states
         position, mask = step.position, step.mask
         reorders = dict(zip(map(id, step.hops), step.reorders)) if step.hops else {}
-        failures = 0
+        attempts = Attempts(self.client.bans, f"inference step at position {position}")
         while index < len(self._hops):
             hop = self._hops[index]
             reorder = reorders.pop(id(hop)) if id(hop) in reorders else hop.take_reorder()
@@ -275,11 +310,8 @@ class InferenceSession:
                 output = await hop.span.step(hidden_states, position, step.new_mask, reorder, step.step_id)
                 await self._spot_check(hop, position, hidden_states, output, mask)
             except BLAMABLE as e:
-                failures += 1
-                if failures >= self.client.bans.policy.max_attempts:
-                    raise RoutingError(f"inference step failed {failures} times; last error: {e}") from e
-                logger.warning("server %s failed at position %d (%s); replaying blocks %d:%d elsewhere",
-                               hop.peer_id[-8:], position, e, hop.span.start, hop.span.end)
+                attempts.failed(hop.peer_id, e)  # bans it (RoutingError after too many failures)
+                logger.warning("replaying blocks %d:%d elsewhere from position %d", hop.span.start, hop.span.end, position)
                 await self._replace(index, position, mask)
                 continue
             self.client.bans.succeeded(hop.peer_id)
@@ -289,10 +321,9 @@ class InferenceSession:
         return hidden_states
 
     async def _replace(self, index: int, position: int, mask: torch.Tensor | None) -> None:
-        """Ban hop `index`'s server, open a new chain for its blocks with its history replayed, and let the
-        next hop accept pushes from the new chain's last server."""
+        """Replace hop `index` (its server banned already) by a new chain for its blocks with its history
+        replayed, and let the next hop accept pushes from the new chain's last server."""
         hop = self._hops[index]
-        self.client.bans.ban(hop.peer_id)
         asyncio.get_running_loop().create_task(_close_all([hop]))
         history = hop.history(position)
         history_mask = mask[:, :position] if mask is not None else None
@@ -342,6 +373,14 @@ class InferenceSession:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _common_prefix_length(seen: torch.Tensor | None, inputs: torch.Tensor) -> int:
+    if seen is None or seen.shape[0] != inputs.shape[0]:
+        return 0
+    length = min(seen.shape[1], inputs.shape[1])
+    differs = (seen[:, :length] != inputs[:, :length]).any(dim=0).nonzero()
+    return int(differs[0]) if len(differs) else length
 
 
 async def _close_all(hops: list[_Hop]) -> None:

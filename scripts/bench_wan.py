@@ -59,7 +59,7 @@ class TokenClock(StoppingCriteria):
 
 
 def timed_generation(model, input_ids: torch.Tensor, new_tokens: int, session=None) -> dict:  # noqa: ANN001
-    """Time to first token (ms, opening the session included) and the median decode step (ms)."""
+    """Time to first token (ms, opening the session included), each decode step (ms) and the new tokens."""
     clock = TokenClock()
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, stopping_criteria=[clock])
     began = time.perf_counter()
@@ -69,35 +69,53 @@ def timed_generation(model, input_ids: torch.Tensor, new_tokens: int, session=No
         else:
             with session():
                 output = model.generate(input_ids, **kwargs)
-    gaps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
-    return {"ttft_ms": (clock.stamps[0] - began) * 1e3, "step_ms": statistics.median(gaps) * 1e3,
-            "steps": len(gaps), "tokens": output[0, input_ids.shape[1]:].tolist()}
+    gaps = [(b - a) * 1e3 for a, b in zip(clock.stamps, clock.stamps[1:])]
+    return {"ttft_ms": (clock.stamps[0] - began) * 1e3, "gaps_ms": gaps, "tokens": output[0, input_ids.shape[1]:].tolist()}
 
 
 def worker(args: argparse.Namespace) -> None:
-    """The client's side, run inside its namespace: local compute, then the swarm with and without push."""
+    """The client's side, run inside its namespace: local compute and the swarm with and without push,
+    in alternating rounds, so that load from elsewhere on the machine weighs on all three alike."""
     torch.set_num_threads(args.threads)
     checkpoint = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     messages = [{"role": "user", "content": PROMPT}]
     input_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
     steps = args.new_tokens + 1  # N+1 tokens give N decode steps after the first
+    max_length = input_ids.shape[1] + steps
     local = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    timed_generation(local, input_ids, 4)
-    result = {"local": timed_generation(local, input_ids, steps)}
-    del local
-    for push in (True, False):
-        remote = AutoDistributedModelForCausalLM.from_pretrained(checkpoint, initial_peers=args.initial_peers,
-                                                                 wire_codec=args.codec, push=push)
-        try:
-            max_length = input_ids.shape[1] + steps
-            timed_generation(remote, input_ids, 4, lambda: remote.inference_session(max_length=max_length))  # warm-up
-            run = timed_generation(remote, input_ids, steps, lambda: remote.inference_session(max_length=max_length))
-            run["client_rtt_ms"] = {peer[-8:]: seconds * 1e3 for peer, seconds in remote.swarm_client.rtt().items()}
-            result["push" if push else "client-mediated"] = run
-        finally:
+    remotes = {
+        mode: AutoDistributedModelForCausalLM.from_pretrained(checkpoint, initial_peers=args.initial_peers, wire_codec=args.codec,
+                                                              push=mode == "push")
+        for mode in ("push", "client-mediated")
+    }
+    runs: dict[str, list[dict]] = {"local": [], **{mode: [] for mode in remotes}}
+    try:
+        timed_generation(local, input_ids, 4)  # warm-up: routes, connections, pings
+        for remote in remotes.values():
+            timed_generation(remote, input_ids, 4, lambda: remote.inference_session(max_length=max_length))
+        for _ in range(args.rounds):
+            runs["local"].append(timed_generation(local, input_ids, steps))
+            for mode, remote in remotes.items():
+                runs[mode].append(timed_generation(remote, input_ids, steps, lambda: remote.inference_session(max_length=max_length)))
+        result = {mode: summarize(mode_runs) for mode, mode_runs in runs.items()}
+        for mode, remote in remotes.items():
+            result[mode]["client_rtt_ms"] = {peer[-8:]: seconds * 1e3 for peer, seconds in remote.swarm_client.rtt().items()}
+    finally:
+        for remote in remotes.values():
             remote.swarm_client.shutdown()
     print(json.dumps(result), flush=True)
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Median step over every step of every round, median TTFT over rounds, and whether every round's tokens agree."""
+    return {
+        "step_ms": statistics.median(gap for run in runs for gap in run["gaps_ms"]),
+        "ttft_ms": statistics.median(run["ttft_ms"] for run in runs),
+        "steps": sum(len(run["gaps_ms"]) for run in runs),
+        "round_step_ms": [statistics.median(run["gaps_ms"]) for run in runs],
+        "tokens": runs[0]["tokens"] if all(run["tokens"] == runs[0]["tokens"] for run in runs) else None,
+    }
 
 
 class Wan:
@@ -139,6 +157,7 @@ def measure_setting(wan: Wan, args: argparse.Namespace, checkpoint: Path, server
             server.wait_for_line("serving blocks")
         client = ManagedProcess(wan.exec_args("c", python, str(Path(__file__).resolve()), "--worker", "--model", str(checkpoint),
                                               "--threads", str(args.threads), "--new-tokens", str(args.new_tokens),
+                                              "--rounds", str(args.rounds),
                                               "--codec", args.codec, "--initial-peers", *peers))
         processes.append(client)
         client.popen.wait(WORKER_TIMEOUT)
@@ -159,6 +178,7 @@ def main() -> None:
                         help="RATE_MBIT:ONE_WAY_DELAY_MS per host (default: %(default)s)")
     parser.add_argument("--servers", type=int, nargs="*", default=[2, 4], help="servers splitting the model (default: %(default)s)")
     parser.add_argument("--new-tokens", type=int, default=64, help="decode steps to take the median of (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of local, push, client-mediated (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, locally and per server (default: %(default)s)")
     parser.add_argument("--codec", default="none", help=f"wire codec; uncompressed by default, so that the tokens must equal "
                         f"local ones (a decode step's hidden states are a few KB either way; users' default is {DEFAULT_CODEC})")
@@ -187,29 +207,31 @@ def main() -> None:
             rtt = 2 * float(delay)
             local = measured["local"]["step_ms"]
             row = {"rate_mbit": int(rate), "delay_ms": float(delay), "rtt_ms": rtt, "servers": servers, "ranges": measured["servers"],
-                   "local_step_ms": local, "target_rtts": TARGETS.get(servers)}
+                   "local_step_ms": local, "local_ttft_ms": measured["local"]["ttft_ms"],
+                   "local_round_step_ms": measured["local"]["round_step_ms"], "target_rtts": TARGETS.get(servers)}
             for mode in ("push", "client-mediated"):
                 run = measured[mode]
                 row[mode] = {
-                    "ttft_ms": run["ttft_ms"], "step_ms": run["step_ms"], "steps": run["steps"],
+                    "ttft_ms": run["ttft_ms"], "step_ms": run["step_ms"], "steps": run["steps"], "round_step_ms": run["round_step_ms"],
                     "overhead_rtts": (run["step_ms"] - local) / rtt, "client_rtt_ms": run["client_rtt_ms"],
-                    "same_tokens_as_local": run["tokens"] == measured["local"]["tokens"],
+                    "same_tokens_as_local": run["tokens"] is not None and run["tokens"] == measured["local"]["tokens"],
                 }
             results.append(row)
-    print(f"\nmodel {checkpoint.name}, fp32, wire {args.codec}, {args.threads} torch thread(s) per process, "
-          f"median of {args.new_tokens} decode steps; machine shared with other work")
-    print(f"{'network':<18}{'servers':>8}{'mode':>17}{'local ms':>10}{'step ms':>10}{'TTFT ms':>10}"
-          f"{'(step-local)/RTT':>18}{'target':>8}{'same tokens':>13}")
+    print(f"\nmodel {checkpoint.name}, fp32, wire {args.codec}, {args.threads} torch thread(s) per process, median of "
+          f"{args.rounds} x {args.new_tokens} decode steps (local and both modes in alternating rounds); machine shared with other work")
+    print(f"{'network':<22}{'servers':>8}{'mode':>17}{'local ms':>10}{'step ms':>10}{'(step-local)/RTT':>18}{'target':>8}"
+          f"{'local TTFT':>12}{'TTFT ms':>10}{'same tokens':>13}")
     for row in results:
         network = f"{row['rate_mbit']} Mbit/s {row['rtt_ms']:.0f} ms RTT"
         for mode in ("push", "client-mediated"):
             run = row[mode]
             target = f"{row['target_rtts']:.1f}" if mode == "push" and row["target_rtts"] else ""
-            print(f"{network:<18}{row['servers']:>8}{mode:>17}{row['local_step_ms']:>10.1f}{run['step_ms']:>10.1f}"
-                  f"{run['ttft_ms']:>10.1f}{run['overhead_rtts']:>18.2f}{target:>8}{str(run['same_tokens_as_local']):>13}")
+            print(f"{network:<22}{row['servers']:>8}{mode:>17}{row['local_step_ms']:>10.1f}{run['step_ms']:>10.1f}"
+                  f"{run['overhead_rtts']:>18.2f}{target:>8}{row['local_ttft_ms']:>12.1f}{run['ttft_ms']:>10.1f}"
+                  f"{str(run['same_tokens_as_local']):>13}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({"model": checkpoint.name, "codec": args.codec, "threads": args.threads,
-                                       "new_tokens": args.new_tokens, "results": results}, indent=2))
+                                       "new_tokens": args.new_tokens, "rounds": args.rounds, "results": results}, indent=2))
     print(f"wrote {args.output}")
 
 
