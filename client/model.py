@@ -138,7 +138,7 @@ class DistributedCausalLMMixin:
             if labels is not None:
                 labels = torch.cat([labels.new_full((batch, prefix), -100), labels], dim=1)
             if session is not None:
-                session.prefix_length = prefix
+                session.prompts_sent(prefix)
         else:
             prefix = 0
         with padded(attention_mask):  # the servers mask pads and number positions per row from it
@@ -157,38 +157,20 @@ class DistributedCausalLMMixin:
         return kwargs.get("num_return_sequences", config.num_return_sequences) or 1
 
     def _generate_in_session(self, session: InferenceSession, inputs: torch.Tensor | None, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        if inputs is None:
-            if session.last_output is None:
-                raise InvalidRequest("generate(None) continues a session, but this session has generated nothing yet")
-            inputs = session.last_output
-        # Reuse the longest prefix the servers already hold; at least one token must be new.
-        reused = min(_common_prefix_length(session.token_ids, inputs), inputs.shape[1] - 1)
-        if reused == 0:
-            session.position = session.prefix_length = 0  # start over: prompts (if any) go in again
-        else:
-            session.position = session.prefix_length + reused
+        inputs = session.resume(inputs)
         cache = {cache_argument(self.transformers_class.forward): RemoteCache(session)}
         with generating(session):
             output = super().generate(inputs, *args, **cache, **kwargs)  # type: ignore[misc]
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
-        seen = session.position - session.prefix_length
+        seen = session.tokens_seen
         # A beam that finished early may leave the returned sequences shorter than the session, never longer.
         if sequences.shape[1] > inputs.shape[1] and seen < sequences.shape[1] - 1:
             raise CacheNotPassed(
                 f"generate() returned {sequences.shape[1]} tokens per sequence but the servers' session saw {seen}: "
                 "its steps did not go through the session"
             )
-        session.token_ids = sequences[:, :seen]
-        session.last_output = sequences
+        session.generated(sequences)
         return output
-
-
-def _common_prefix_length(seen: torch.Tensor | None, inputs: torch.Tensor) -> int:
-    if seen is None or seen.shape[0] != inputs.shape[0]:
-        return 0
-    length = min(seen.shape[1], inputs.shape[1])
-    differs = (seen[:, :length] != inputs[:, :length]).any(dim=0).nonzero()
-    return int(differs[0]) if len(differs) else length
 
 
 @functools.cache
@@ -218,6 +200,7 @@ class AutoDistributedModelForCausalLM:
         tuning_mode: str | None = None,
         pre_seq_len: int = 0,
         verify_fraction: float = 0.0,
+        push: bool = True,
     ) -> PreTrainedModel:
         """Load the local parts of `model` (a checkpoint directory or an alias such as 'smollm2').
 
@@ -230,6 +213,8 @@ class AutoDistributedModelForCausalLM:
         added before every block), with `pre_seq_len` prompt tokens; LoRA comes via add_adapter().
         `verify_fraction`: the fraction of forward hops and inference steps to re-run on independent
         servers and compare (spot checks); a server caught lying is banned for good in this client.
+        `push`: inference steps go from server to server, the last one answering the client (False:
+        every hop's output comes back to the client before the next hop, as a comparison).
         """
         if not initial_peers:
             raise ConfigError("initial_peers=[...] is required: the multiaddrs printed by swarm-dht or a server")
@@ -249,6 +234,7 @@ class AutoDistributedModelForCausalLM:
             allowed_servers=allowed_servers,
             blocked_servers=blocked_servers,
             codecs=WireCodecs(wire_codec, response_codec or wire_codec),
+            push=push,
         )
         distributed.model.layers = nn.ModuleList([RemoteSequential(client, distributed.request_adapter)])
         _load_local_weights(distributed, checkpoint, family, torch_dtype)

@@ -1,6 +1,6 @@
 """Stateless calls through the swarm: forward (optionally kept for backward) and backward.
 
-Both reroute around failed servers through `with_rerouting`. A forward returns, besides its
+Both reroute around failed servers through retry.py (`with_rerouting`, `Attempts`). A forward returns, besides its
 output, a trace of the hops it took (server, blocks, inputs, id of the kept activations), which
 is what backward walks in reverse. If a server from the trace is gone by then, backward recomputes
 that hop's blocks elsewhere from the inputs in the trace: the gradients are the same.
@@ -25,7 +25,7 @@ from swarm.wire.codecs import encode, encode_mask
 from swarm.wire.frames import read_message, to_frames
 from swarm.wire.rpc import RPC_BACKWARD, RPC_FORWARD
 from swarm.client.reply_checks import decode_named_replies, decode_reply
-from swarm.client.retry import BLAMABLE, ServerFailure, with_rerouting
+from swarm.client.retry import BLAMABLE, Attempts, ServerFailure, TransportFailure, with_rerouting, with_transport_retry
 from swarm.client.routing import RouteHop
 from swarm.client.swarm_client import SwarmClient
 
@@ -127,13 +127,14 @@ async def backward_async(
         try:
             await _backward_hop(client, traced.hop, traced.inputs, traced.forward_id, gradients, adapter, seed, traced.padding_mask)
         except ServerFailure as failure:
-            client.bans.ban(failure.peer_id)
-            await _backward_elsewhere(client, traced, gradients, adapter, seed)
+            attempts = Attempts(client.bans, f"backward through blocks {traced.hop.start}:{traced.hop.end}")
+            attempts.failed(failure.peer_id, failure.error)
+            await _backward_elsewhere(client, traced, gradients, adapter, seed, attempts)
     return gradients
 
 
 async def _backward_elsewhere(client: SwarmClient, traced: TracedHop, gradients: Gradients,
-                              adapter: AdapterPayload | None, seed: int) -> None:
+                              adapter: AdapterPayload | None, seed: int, attempts: Attempts) -> None:
     """Backward through `traced`'s blocks on other servers: forward again to get each new hop's inputs."""
 
     async def attempt() -> None:
@@ -153,7 +154,7 @@ async def _backward_elsewhere(client: SwarmClient, traced: TracedHop, gradients:
             gradients.inputs, gradients.lora, gradients.deep_prompts = saved.inputs, saved.lora, saved.deep_prompts
             raise
 
-    await with_rerouting(attempt, client.bans, f"backward through blocks {traced.hop.start}:{traced.hop.end}")
+    await with_rerouting(attempt, client.bans, attempts.what, attempts)
 
 
 def _forward_request(client: SwarmClient, hop: RouteHop, hidden_states: torch.Tensor, adapter: AdapterPayload | None,
@@ -215,30 +216,16 @@ def _checked(hop: RouteHop, message: pb.Tensor, shape: torch.Size, what: str) ->
 
 
 async def _call(client: SwarmClient, hop: RouteHop, rpc: str, request: Message, response_type: type[ResponseT]) -> ResponseT:
-    """One streamed request/response to the hop's server; its failures become ServerFailure.
-
-    A broken connection is tried once more at once: a transient transport error on a healthy
-    server should not cost a ban and a reroute.
-    """
+    """One streamed request/response to the hop's server; its failures become ServerFailure."""
     client.in_flight[hop.peer_id] += 1
     try:
-        for attempt in range(2):
-            try:
-                reply = await _call_once(client, hop, rpc, request, response_type)
-                client.bans.succeeded(hop.peer_id)
-                return reply
-            except TransportFailure as e:
-                if attempt == 1:
-                    raise ServerFailure(hop.peer_id, e) from e
-            except BLAMABLE as e:
-                raise ServerFailure(hop.peer_id, e) from e
-        raise AssertionError("unreachable")
+        reply = await with_transport_retry(lambda: _call_once(client, hop, rpc, request, response_type), client.bans.policy)
+    except BLAMABLE as e:
+        raise ServerFailure(hop.peer_id, e) from e
     finally:
         client.in_flight[hop.peer_id] -= 1
-
-
-class TransportFailure(RemoteError):
-    """The connection failed (as opposed to the server answering with an error)."""
+    client.bans.succeeded(hop.peer_id)
+    return reply
 
 
 async def _call_once(client: SwarmClient, hop: RouteHop, rpc: str, request: Message, response_type: type[ResponseT]) -> ResponseT:

@@ -47,7 +47,7 @@ class RemoteCache(DynamicCache):
         self.session = session
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.session.position - self.session.prefix_length
+        return self.session.tokens_seen
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search keeps the best rows: the servers' caches follow (with the next step)."""

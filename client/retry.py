@@ -1,9 +1,11 @@
 """The one retry policy of the client: bounded attempts, and bans with exponential backoff.
 
-Forward calls and inference steps both go through `with_rerouting`: a server that fails
-(connection lost, timeout, error reply) is banned for a while and the attempt is made again on
-a route that avoids it. A caller's own mistake (InvalidRequest) is never blamed on a server,
-and missing blocks end the retries at once with MissingBlocksError.
+Every retry decision of the client is made here. Forward, backward and opening a chain go through
+`with_rerouting`, an inference step's hop-by-hop loop and the backward fallback count their
+failures with `Attempts`, and a broken connection is retried once at once (`with_transport_retry`):
+a server that fails (connection lost, timeout, error reply) is banned for a while and the attempt
+is made again on a route that avoids it. A caller's own mistake (InvalidRequest) is never blamed
+on a server, and missing blocks end the retries at once with MissingBlocksError.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class RetryPolicy:
     max_attempts: int = 5  # attempts per request, the first one included
     ban_time: float = 15.0  # seconds a failed server is avoided after its first failure
     max_ban_time: float = 300.0  # seconds; each further failure doubles the ban up to this
+    transport_retries: int = 1  # a call whose connection broke is made again at once this many times
 
 
 class BanList:
@@ -87,20 +90,52 @@ class BanList:
         return oldest
 
 
-async def with_rerouting(attempt: Callable[[], Awaitable[T]], bans: BanList, what: str) -> T:
+class Attempts:
+    """One request's failures, counted against the policy: each bans the server to blame, and the
+    last allowed one ends the request with RoutingError. Every retry of the client goes through one."""
+
+    def __init__(self, bans: BanList, what: str):
+        self.bans = bans
+        self.what = what
+        self.errors: list[str] = []
+
+    def failed(self, peer_id: str, error: Exception) -> None:
+        """Ban `peer_id` for `error`; RoutingError if that was the last attempt."""
+        self.bans.ban(peer_id)
+        self.errors.append(str(error))
+        if len(self.errors) >= self.bans.policy.max_attempts:
+            raise RoutingError(f"{self.what} failed {len(self.errors)} times; last error: {error}") from error
+        logger.warning("%s failed on server %s: %s; rerouting", self.what, peer_id[-8:], error)
+
+
+async def with_rerouting(attempt: Callable[[], Awaitable[T]], bans: BanList, what: str, attempts: Attempts | None = None) -> T:
     """Run `attempt` until it succeeds, banning the server behind each RemoteError/CacheFull.
 
     `attempt` must build its route afresh (avoiding `bans.banned()`) every time it is called.
+    `attempts`: the request's failures so far, if it has failed elsewhere already (they count too).
     """
-    errors: list[str] = []
-    for _ in range(bans.policy.max_attempts):
+    attempts = attempts or Attempts(bans, what)
+    while True:
         try:
             return await attempt()
         except ServerFailure as failure:
-            bans.ban(failure.peer_id)
-            errors.append(str(failure.error))
-            logger.warning("%s failed on server %s: %s; rerouting", what, failure.peer_id[-8:], failure.error)
-    raise RoutingError(f"{what} failed {len(errors)} times; last error: {errors[-1]}")
+            attempts.failed(failure.peer_id, failure.error)
+
+
+async def with_transport_retry(call: Callable[[], Awaitable[T]], policy: RetryPolicy) -> T:
+    """`call`, made again at once (up to `policy.transport_retries` times) if its connection broke: a
+    transient transport error on a healthy server should not cost a ban and a reroute."""
+    for retry in range(policy.transport_retries + 1):
+        try:
+            return await call()
+        except TransportFailure:
+            if retry == policy.transport_retries:
+                raise
+    raise AssertionError("unreachable")
+
+
+class TransportFailure(RemoteError):
+    """The connection failed (as opposed to the server answering with an error)."""
 
 
 class ServerFailure(Exception):

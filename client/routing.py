@@ -1,9 +1,10 @@
 """Choosing chains of servers that cover a range of blocks. Pure functions over validated records.
 
-Hidden states go from the client to each hop's server and back (the client keeps every hop's
-inputs, which makes failover a replay), so the time of one inference step through a route is
-the sum over hops of (client-to-server round trip + blocks x that server's time per block).
-`inference_route` finds the route minimising it exactly, by dynamic programming over block
+Client-mediated, hidden states go from the client to each hop's server and back, so the time of
+one inference step through a route is the sum over hops of (client-to-server round trip + blocks x
+that server's time per block); pushed server to server, it is half the client's round trip to the
+first and from the last server, half the servers' announced round trips between hops, and compute.
+`inference_route` finds the route minimising either exactly, by dynamic programming over block
 boundaries: the graph is a DAG in block order, so no priority queue is needed.
 `forward_route` spreads stateless traffic: at each hop it draws a server with probability
 proportional to its throughput divided by the requests this client already has in flight there.
@@ -101,13 +102,21 @@ def inference_route(
     model: str,
     servers: ServerFilter = ServerFilter(),
     rtt: Mapping[str, float] = {},
+    push: bool = False,
 ) -> list[RouteHop]:
-    """The route over [start, end) with the least expected time per decode step."""
+    """The route over [start, end) with the least expected time per decode step.
+
+    Client-mediated (`push=False`): every hop costs the client's round trip to its server plus its
+    compute. With `push`, hidden states go client -> first server -> ... -> last server -> client: one
+    way to the first, the servers' announced round trips (`next_pings`) halved between hops, one way
+    back from the last, plus compute.
+    """
     # For each block, the usable servers there as (peer, hop end, round trip, seconds per block).
     # Each record object is checked once (swarm.dht shares one object along a server's span; all
     # stay alive during this call, so their ids are stable); the loops stay lean for 1000 servers.
     options: list[list[tuple[str, int, float, float]]] = []
     checked: dict[int, tuple[str, int, float, float] | None] = {}
+    pings: dict[str, Mapping[str, float]] = {}  # peer -> its round trips to the servers after it
     uncovered = []
     for index in range(start, end):
         here = []
@@ -116,6 +125,8 @@ def inference_route(
             if key not in checked:
                 usable = servers.usable(peer, record)
                 checked[key] = (peer, min(record.end, end), rtt.get(peer, DEFAULT_RTT), step_time_per_block(record)) if usable else None
+                if usable and push:
+                    pings[peer] = dict(record.next_pings)
             if checked[key] is not None:
                 here.append(checked[key])
         if not here:
@@ -123,6 +134,8 @@ def inference_route(
         options.append(here)
     if uncovered:
         raise MissingBlocksError(block_ranges(uncovered), model)
+    if push:
+        return _push_route(options, start, end, rtt, pings)
     # best[b]: least time to have run blocks [start, b); via[b]: the hop that ends there.
     best = {start: 0.0}
     via: dict[int, tuple[int, str]] = {}
@@ -141,6 +154,39 @@ def inference_route(
         previous, peer = via[boundary]
         route.append(RouteHop(peer, previous, boundary))
         boundary = previous
+    return route[::-1]
+
+
+def _push_route(
+    options: list[list[tuple[str, int, float, float]]], start: int, end: int, rtt: Mapping[str, float],
+    pings: Mapping[str, Mapping[str, float]],
+) -> list[RouteHop]:
+    """Least client->first + server->server legs + last->client + compute, by dynamic programming over
+    (boundary, server that ended there): a leg's cost depends on the server before it. A pair of
+    servers without an announced round trip is assumed DEFAULT_RTT apart."""
+    best: dict[tuple[int, str | None], float] = {(start, None): 0.0}
+    via: dict[tuple[int, str], tuple[int, str | None]] = {}
+    ending: dict[int, list[str | None]] = {start: [None]}  # servers whose hop ends at each boundary
+    for boundary in range(start, end):
+        for previous in ending.get(boundary, ()):
+            base = best[(boundary, previous)]
+            for peer, hop_end, round_trip, per_block in options[boundary - start]:
+                leg = round_trip if previous is None else pings[previous].get(peer, DEFAULT_RTT)
+                cost = base + leg / 2 + (hop_end - boundary) * per_block
+                node = (hop_end, peer)
+                if node not in best:
+                    ending.setdefault(hop_end, []).append(peer)
+                if cost < best.get(node, math.inf):
+                    best[node] = cost
+                    via[node] = (boundary, previous)
+    last = min((peer for peer in ending[end] if peer is not None), key=lambda p: best[(end, p)] + rtt.get(p, DEFAULT_RTT) / 2)
+    route: list[RouteHop] = []
+    node: tuple[int, str | None] = (end, last)
+    while node[1] is not None:
+        boundary, peer = node
+        previous_boundary, previous = via[(boundary, peer)]
+        route.append(RouteHop(peer, previous_boundary, boundary))
+        node = (previous_boundary, previous)
     return route[::-1]
 
 

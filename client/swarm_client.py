@@ -43,6 +43,7 @@ class SwarmClient:
         blocked_servers: list[str] = (),
         retry_policy: RetryPolicy = RetryPolicy(),
         codecs: WireCodecs = WireCodecs(),
+        push: bool = True,
     ):
         self.initial_peers = initial_peers
         self.dht_prefix = dht_prefix
@@ -52,6 +53,7 @@ class SwarmClient:
         self.blocked_servers = frozenset(blocked_servers)
         self.bans = BanList(retry_policy)
         self.codecs = codecs
+        self.push = push  # inference steps go server to server (routes chosen for it), or back through the client
         self.in_flight: Counter[str] = Counter()  # this client's requests running on each server
         self._rtt: dict[str, tuple[float, float]] = {}  # peer -> (seconds, measured at)
         self.dht = None
@@ -90,7 +92,7 @@ class SwarmClient:
             servers = self.server_filter(min_cache_tokens)
             candidates = {peer for records in blocks[start:end] for peer, record in records.items() if servers.usable(peer, record)}
             await self.measure_rtt(candidates)
-            return inference_route(blocks, start, end, self.dht_prefix, servers, self.rtt())
+            return inference_route(blocks, start, end, self.dht_prefix, servers, self.rtt(), push=self.push)
 
         return await self._route_when_covered(plan, "inference")
 

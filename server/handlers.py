@@ -19,10 +19,10 @@ import torch
 from swarm.errors import CacheFull, InvalidRequest, LimitExceeded, SpanNotServed
 from swarm.limits import CACHE_WAIT_TIMEOUT, DEFAULT_MAX_SESSION_LIFETIME, DEFAULT_REQUEST_TIMEOUT, SESSION_IDLE_TIMEOUT
 from swarm.wire import swarm_rpc_pb2 as pb
-from swarm.transport import P2P
-from swarm.wire.rpc import RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, RPC_INFO
+from swarm.transport import P2P, call_unary
+from swarm.wire.rpc import RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, RPC_INFO, RPC_PUSH
 from swarm.wire.frames import MessageT, read_message, read_until_end, to_frames
-from swarm.wire.codecs import check_codec, decode, decode_mask, encode, extend_padding_mask
+from swarm.wire.codecs import check_codec, decode, decode_mask, encode
 from swarm.server.adapters import MAX_PROMPT_LENGTH, ParsedAdapter, applied, parse_adapter
 from swarm.server.backprop import ActivationStore, backward, forward_for_backward
 from swarm.server.cache_budget import CacheBudget
@@ -31,6 +31,7 @@ from swarm.server.compute_worker import ComputeWorker
 from swarm.server.inference_steps import InferenceStep
 from swarm.server.kv_cache import SessionCache
 from swarm.server.scheduler import TaskKind
+from swarm.server.sessions import MAX_PENDING_PUSHES, ServerSession, SessionRegistry, check_push_route, check_pushers
 from swarm.server.span_runner import SpanRunner
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class RequestLimits:
 # Bytes a request may carry beyond its tensors' payloads (field tags, names, codec scales).
 MESSAGE_OVERHEAD_BYTES = 1 << 16
 WIDEST_WIRE_BYTES = 4  # float32: no codec makes a tensor larger on the wire
+PUSH_TIMEOUT = 20.0  # seconds for the next server to accept a pushed step (it replies before computing)
 
 
 class SpanHandlers:
@@ -80,6 +82,8 @@ class SpanHandlers:
         linears = [m for m in runner.layers[0].modules() if isinstance(m, torch.nn.Linear)]  # every block is alike
         self._lora_bytes_per_block = sum(m.in_features + m.out_features for m in linears) * limits.max_lora_rank * WIDEST_WIRE_BYTES
         self.served = pb.RequestCounts()  # completed requests by kind, reported by `info`
+        self.sessions = SessionRegistry()
+        self.p2p: P2P | None = None  # set by register(): pushes to the next servers go through it
 
     def cache_tokens_left(self) -> int:
         """Room left in the attention cache, in tokens of one sequence over all of this server's blocks."""
@@ -87,6 +91,8 @@ class SpanHandlers:
         return max(0, self.budget.bytes_left) // runner.kv_bytes_per_token(runner.start, runner.end)
 
     async def register(self, p2p: P2P) -> None:
+        self.p2p = p2p
+        await p2p.add_protobuf_handler(RPC_PUSH, self.rpc_push, pb.PushRequest)
         await p2p.add_protobuf_handler(RPC_INFO, self.rpc_info, pb.InfoRequest)
         await p2p.add_protobuf_handler(RPC_FORWARD, self.rpc_forward, pb.Frame, stream_input=True, stream_output=True)
         await p2p.add_protobuf_handler(RPC_INFERENCE, self.rpc_inference, pb.Frame, stream_input=True, stream_output=True)
@@ -205,74 +211,144 @@ class SpanHandlers:
         nbytes = tokens * runner.kv_bytes_per_token(start, end) + (adapter.nbytes() if adapter is not None else 0)
         what = f"a session of {tokens} tokens" + (" and its adapter" if adapter is not None else "")
         async with self.budget.reserve(nbytes, CACHE_WAIT_TIMEOUT, what):
-            yield single_frame(pb.InferenceResponse(opened=pb.SessionOpened(
-                max_length=opening.max_length, max_tokens_per_request=self.limits.max_tokens_per_request)))
-            self.served.sessions_opened += 1
-            async for frame in self._run_session(frames, peer, opening, runner, adapter, start, end):
-                yield frame
+            with self.sessions.opened(
+                owner=peer, runner=runner, start=start, end=end, batch_size=opening.batch_size, max_length=opening.max_length,
+                adapter=adapter, response_codec=check_codec(opening.response_codec), pushers=list(opening.pushers),
+                last_active=asyncio.get_running_loop().time(),
+                # keys/values per block: (batch, kv_heads, max_length, head_dim), the bytes reserved for the session
+                cache=SessionCache(runner.config, start, end, opening.batch_size, opening.max_length, runner.compute_dtype,
+                                   runner.device),
+            ) as session:
+                yield single_frame(pb.InferenceResponse(opened=pb.SessionOpened(
+                    max_length=opening.max_length, max_tokens_per_request=self.limits.max_tokens_per_request,
+                    session_id=session.session_id)))
+                self.served.sessions_opened += 1
+                async for frame in self._run_session(frames, session):
+                    yield frame
 
-    async def _run_session(
-        self,
-        frames: AsyncIterator[pb.Frame],
-        peer: str,
-        opening: pb.SessionOpen,
-        runner: SpanRunner,
-        adapter: ParsedAdapter | None,
-        start: int,
-        end: int,
-    ) -> AsyncIterator[pb.Frame]:
-        # keys/values per block: (batch, kv_heads, max_length, head_dim), the bytes reserved for the session
-        cache = SessionCache(runner.config, start, end, opening.batch_size, opening.max_length, runner.compute_dtype, runner.device)
-        mask: torch.Tensor | None = None  # (batch, position), True for real tokens; None while nothing was padded
-        response_codec = check_codec(opening.response_codec)
-        position = 0
-        loop = asyncio.get_running_loop()
-        closes_at = loop.time() + self.limits.max_session_lifetime
-        while True:
-            wait = min(self.idle_timeout, closes_at - loop.time())
+    async def _run_session(self, frames: AsyncIterator[pb.Frame], session: ServerSession) -> AsyncIterator[pb.Frame]:
+        """Replies to the owner, in order: of its own steps, of steps pushed into the session, and grants."""
+        reader = asyncio.create_task(self._serve_owner(frames, session))
+        try:
+            while (response := await session.outbox.get()) is not None:
+                for frame in to_frames(response):
+                    yield frame
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+        if session.error is not None:
+            raise session.error
+
+    async def _serve_owner(self, frames: AsyncIterator[pb.Frame], session: ServerSession) -> None:
+        """Read the owner's requests until it closes the stream, the session idles out or reaches its lifetime."""
+        try:
+            loop = asyncio.get_running_loop()
+            closes_at = loop.time() + self.limits.max_session_lifetime
+            while True:
+                wait = min(session.last_active + self.idle_timeout, closes_at) - loop.time()
+                try:
+                    request = await asyncio.wait_for(
+                        read_message(frames, pb.InferenceRequest, self._hidden_bytes + MESSAGE_OVERHEAD_BYTES), max(wait, 0)
+                    )
+                except TimeoutError:
+                    if loop.time() >= closes_at:
+                        raise LimitExceeded(
+                            f"the session reached this server's maximum session lifetime of {self.limits.max_session_lifetime:.0f} s "
+                            "(--max-session-lifetime)"
+                        ) from None
+                    if loop.time() < session.last_active + self.idle_timeout:
+                        continue  # pushed steps kept it busy
+                    logger.info("closing an inference session idle for %.0f s", self.idle_timeout)
+                    break
+                if request is None:
+                    break  # the client closed the session
+                kind = request.WhichOneof("request")
+                if kind == "grant":
+                    session.pushers = check_pushers(request.grant.pushers)
+                    session.outbox.put_nowait(pb.InferenceResponse(granted=request.grant))
+                elif kind == "step":
+                    check_push_route(request.step.push_to)
+                    hidden = await self._check_hidden(request.step.hidden_states)
+                    await self._run_step(session, request.step, hidden)
+                else:
+                    raise InvalidRequest("expected an inference step")
+        except Exception as e:
+            session.fail(e)
+        else:
+            session.outbox.put_nowait(None)
+
+    async def _run_step(self, session: ServerSession, step: pb.InferenceStep, hidden: torch.Tensor) -> None:
+        """Run one step of the session (from its owner or pushed), then reply to the owner, pushing on first if asked."""
+        async with session.lock:
+            session.begin_step(step, hidden)
+            step_work = InferenceStep(session.runner, session.start, session.end, hidden, session.position, session.cache,
+                                      session.mask, session.adapter)
+            output = await self.worker.submit_step(session.owner, _cost(hidden, session.start, session.end), step_work)
+            session.position += hidden.shape[1]
+            session.last_active = asyncio.get_running_loop().time()
+            position = session.position
+        self.served.inference_steps += 1
+        if step.push_to:
+            # Pushed on in the codec the step came in (the owner's choice for server-to-server hops); the
+            # owner gets these very bytes, so that its replay records equal what the next server decoded.
+            encoded = await _off_loop_if_large(output.numel(), encode, output, step.hidden_states.codec or "none")
+            self._push_on(session, step, encoded, position)
+            return
+        encoded = await _off_loop_if_large(output.numel(), encode, output, session.response_codec)
+        session.outbox.put_nowait(pb.InferenceResponse(step=pb.StepResult(hidden_states=encoded, position=position, step_id=step.step_id)))
+
+    def _push_on(self, session: ServerSession, step: pb.InferenceStep, encoded: pb.Tensor, position: int) -> None:
+        """Send a step's output to the next server's session, then report it (or why it failed) to the owner.
+
+        Reports go out in step order, each after its push was accepted or refused: the owner needs the
+        copy only for replay, off its critical path, and learns from it whether to send the step on itself.
+        """
+        target = step.push_to[0]
+        onward = pb.InferenceStep(hidden_states=encoded, position=step.position, step_id=step.step_id,
+                                  attention_mask=step.attention_mask, reorder=target.reorder, push_to=step.push_to[1:])
+        previous = session.last_report
+
+        async def push_and_report() -> None:
+            error = ""
             try:
-                request = await asyncio.wait_for(
-                    read_message(frames, pb.InferenceRequest, self._hidden_bytes + MESSAGE_OVERHEAD_BYTES), max(wait, 0)
-                )
-            except TimeoutError:
-                if loop.time() >= closes_at:
-                    raise LimitExceeded(
-                        f"the session reached this server's maximum session lifetime of {self.limits.max_session_lifetime:.0f} s "
-                        "(--max-session-lifetime)"
-                    ) from None
-                logger.info("closing an inference session idle for %.0f s", self.idle_timeout)
-                return
-            if request is None:
-                return  # the client closed the session
-            if request.WhichOneof("request") != "step":
-                raise InvalidRequest("expected an inference step")
+                reply = await call_unary(self.p2p, target.peer_id, RPC_PUSH, pb.PushRequest(session_id=target.session_id, step=onward),
+                                         pb.PushResponse, PUSH_TIMEOUT)
+                if reply.HasField("error"):
+                    error = f"refused: {reply.error.message}"
+            except Exception as e:  # noqa: BLE001 - any failure of the next hop goes to the owner, who replays
+                error = f"{type(e).__name__}: {e}"
+            if error:
+                logger.info("push to %s failed: %s", target.peer_id[-8:], error)
+            if previous is not None:
+                await asyncio.gather(previous, return_exceptions=True)
+            result = pb.StepResult(hidden_states=encoded, position=position, step_id=step.step_id, pushed=True, push_error=error)
+            session.outbox.put_nowait(pb.InferenceResponse(step=result))
+
+        session.last_report = asyncio.create_task(push_and_report())
+        session.track(session.last_report)
+
+    async def rpc_push(self, request: pb.PushRequest, context: object) -> pb.PushResponse:
+        """A step pushed by the previous server of a session's route: accepted (queued) or refused at once."""
+        try:
+            session = self.sessions.for_push(request.session_id, _caller(context))
             step = request.step
+            check_push_route(step.push_to)
+            if len(session.tasks) >= MAX_PENDING_PUSHES:
+                raise LimitExceeded(f"this session already has {len(session.tasks)} pushed steps waiting")
             hidden = await self._check_hidden(step.hidden_states)
-            if hidden.shape[0] != opening.batch_size:
-                raise InvalidRequest(f"step has batch {hidden.shape[0]}, the session was opened with {opening.batch_size}")
-            if step.position > position:
-                raise InvalidRequest(f"step starts at position {step.position}, past the session's position {position}")
-            if step.position + hidden.shape[1] > opening.max_length:
-                raise InvalidRequest(
-                    f"step to position {step.position + hidden.shape[1]} is past the session's max_length {opening.max_length}"
-                )
-            new_mask = decode_mask(step.attention_mask, hidden.shape[0], hidden.shape[1])
-            if step.reorder:
-                rows = _check_reorder(step.reorder, opening.batch_size)
-                cache.reorder_cache(rows)
-                mask = mask[rows] if mask is not None else None
-            if step.position < position:
-                cache.crop(step.position - position)  # crop takes a negative count: drop the last tokens
-            position = step.position
-            mask = extend_padding_mask(mask, position, new_mask, hidden.shape[0], hidden.shape[1])
-            step_work = InferenceStep(runner, start, end, hidden, position, cache, mask, adapter)
-            output = await self.worker.submit_step(peer, _cost(hidden, start, end), step_work)
-            position += hidden.shape[1]
-            encoded = await _off_loop_if_large(output.numel(), encode, output, response_codec)
-            result = pb.StepResult(hidden_states=encoded, position=position, step_id=step.step_id)
-            self.served.inference_steps += 1
-            for frame in to_frames(pb.InferenceResponse(step=result)):
-                yield frame
+            if hidden.shape[0] != session.batch_size:
+                raise InvalidRequest(f"step has batch {hidden.shape[0]}, the session was opened with {session.batch_size}")
+        except Exception as e:
+            return pb.PushResponse(error=_error_reply(e, "push"))
+        session.track(asyncio.create_task(self._run_pushed(session, step, hidden)))
+        return pb.PushResponse()
+
+    async def _run_pushed(self, session: ServerSession, step: pb.InferenceStep, hidden: torch.Tensor) -> None:
+        try:
+            await self._run_step(session, step, hidden)
+            self.served.pushed_steps += 1
+        except Exception as e:
+            session.fail(e)
 
     async def _read_request(
         self, frames: AsyncIterator[pb.Frame], message_type: type[MessageT], payload_bytes: int, if_empty: str
@@ -351,13 +427,6 @@ async def _off_loop_if_large(elements: int, function: Callable[..., T], *args: A
     if elements < OFF_LOOP_ELEMENTS:
         return function(*args)
     return await asyncio.to_thread(function, *args)
-
-
-def _check_reorder(reorder: Sequence[int], batch_size: int) -> torch.Tensor:
-    """A beam-search reordering of the session's rows: one source row per row, each within the batch."""
-    if len(reorder) != batch_size or max(reorder) >= batch_size:
-        raise InvalidRequest(f"reorder must give one row in 0..{batch_size - 1} for each of the session's {batch_size} rows")
-    return torch.tensor(list(reorder), dtype=torch.long)
 
 
 def _cost(hidden: torch.Tensor, start: int, end: int) -> float:

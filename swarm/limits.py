@@ -39,3 +39,7 @@ SESSION_IDLE_TIMEOUT = 300.0  # seconds
 DEFAULT_REQUEST_TIMEOUT = 30.0  # seconds
 # How long an open waits for cache room before the server refuses it.
 CACHE_WAIT_TIMEOUT = 10.0  # seconds
+
+# Server-to-server push: a step travels server to server as one unary message (hivemind caps those
+# at 4 MiB, notes/hivemind.md §3); a larger one (a long prefill) goes through the client instead.
+PUSH_MAX_BYTES = 2 << 20  # of hidden states at 4 bytes per value, leaving room for codec scales and fields

@@ -10,7 +10,7 @@ import pytest
 
 from swarm.errors import MissingBlocksError
 from swarm.records import ServerRecord, ServerState
-from swarm.client.routing import ServerFilter, batch_capacity, forward_route, inference_route
+from swarm.client.routing import RouteHop, ServerFilter, batch_capacity, forward_route, inference_route
 from swarm.limits import DEFAULT_MAX_TOKENS_PER_REQUEST
 
 
@@ -97,3 +97,53 @@ def test_batch_capacity_takes_the_weakest_block():
         blocks[index]["b"] = dataclasses.replace(blocks[index]["b"], max_tokens_per_request=512)
         blocks[index]["c"] = dataclasses.replace(blocks[index]["c"], max_tokens_per_request=256)
     assert batch_capacity(blocks, ServerFilter()) == (512, 1)
+
+
+def with_pings(blocks: list[dict[str, ServerRecord]], pings: dict[str, dict[str, float]]) -> list[dict[str, ServerRecord]]:
+    """The same servers, each announcing its round trips to the servers after it."""
+    replaced: dict[str, ServerRecord] = {}
+    for servers in blocks:
+        for peer, record in servers.items():
+            replaced.setdefault(peer, dataclasses.replace(record, next_pings=tuple(sorted(pings.get(peer, {}).items()))))
+    return [{peer: replaced[peer] for peer in servers} for servers in blocks]
+
+
+def test_push_route_counts_server_to_server_legs():
+    """Pushed, a chain costs half the client's round trip to the first and from the last server plus half
+    the servers' own round trips between them: the pair of servers close to each other wins even where
+    the client is slightly closer to another, which a client-mediated route prefers."""
+    blocks = with_pings(records(("a", 0, 3, 100), ("b", 3, 6, 100), ("c", 3, 6, 100)), {"a": {"b": 0.002, "c": 0.2}})
+    rtt = {"a": 0.05, "b": 0.06, "c": 0.05}
+    assert [hop.peer_id for hop in inference_route(blocks, 0, 6, "m", rtt=rtt)] == ["a", "c"]
+    assert [hop.peer_id for hop in inference_route(blocks, 0, 6, "m", rtt=rtt, push=True)] == ["a", "b"]
+
+
+def test_push_route_is_optimal_on_random_swarms():
+    """The push route's cost equals the least over every chain, found by brute force."""
+    rng = random.Random(3)
+    for _ in range(30):
+        servers = []
+        for index in range(8):
+            start = rng.randrange(0, 6)
+            servers.append((f"s{index}", start, rng.randrange(start + 1, 7), rng.uniform(10, 100)))
+        servers += [("head", 0, 2, 50), ("tail", 4, 6, 50)]  # every block covered
+        peers = [peer for peer, *_ in servers]
+        pings = {peer: {other: rng.uniform(0.001, 0.1) for other in peers if other != peer} for peer in peers}
+        blocks = with_pings(records(*servers), pings)
+        rtt = {peer: rng.uniform(0.001, 0.1) for peer in peers}
+
+        def cost(route) -> float:  # noqa: ANN001
+            legs = rtt[route[0].peer_id] / 2 + rtt[route[-1].peer_id] / 2
+            legs += sum(pings[a.peer_id][b.peer_id] / 2 for a, b in zip(route, route[1:]))
+            return legs + sum((hop.end - hop.start) / blocks[hop.start][hop.peer_id].inference_rps for hop in route)
+
+        def chains(boundary: int):  # noqa: ANN202
+            if boundary == 6:
+                yield []
+                return
+            for peer, record in blocks[boundary].items():
+                for rest in chains(record.end):
+                    yield [RouteHop(peer, boundary, record.end), *rest]
+
+        best = min(cost(chain) for chain in chains(0))
+        assert cost(inference_route(blocks, 0, 6, "m", rtt=rtt, push=True)) == pytest.approx(best)

@@ -4,6 +4,7 @@
     swarm.forward     stream  frames of ForwardRequest -> frames of ForwardResponse
     swarm.inference   stream  frames of InferenceRequest (open, step...) -> frames of InferenceResponse
     swarm.backward    stream  frames of BackwardRequest -> frames of BackwardResponse
+    swarm.push        unary   PushRequest -> PushResponse (server to server: a step into the next hop's session)
     swarm.reachability unary ReachabilityRequest -> ReachabilityResponse (served by public peers, see swarm/reachability.py)
 """
 
@@ -12,3 +13,4 @@ RPC_FORWARD = "swarm.forward"
 RPC_INFERENCE = "swarm.inference"
 RPC_BACKWARD = "swarm.backward"
 RPC_REACHABILITY = "swarm.reachability"
+RPC_PUSH = "swarm.push"

@@ -96,20 +96,22 @@ class InfoResponse(_message.Message):
     def __init__(self, version: _Optional[str] = ..., dht_prefix: _Optional[str] = ..., span: _Optional[_Union[Span, _Mapping]] = ..., hidden_size: _Optional[int] = ..., torch_dtype: _Optional[str] = ..., cache_tokens_left: _Optional[int] = ..., codecs: _Optional[_Iterable[str]] = ..., max_batch_size: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., max_session_length: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., served: _Optional[_Union[RequestCounts, _Mapping]] = ..., max_sessions_per_peer: _Optional[int] = ..., max_requests_per_peer: _Optional[int] = ..., max_session_lifetime: _Optional[float] = ...) -> None: ...
 
 class RequestCounts(_message.Message):
-    __slots__ = ("sessions_opened", "inference_steps", "forwards", "backwards", "merged_forwards", "merged_steps")
+    __slots__ = ("sessions_opened", "inference_steps", "forwards", "backwards", "pushed_steps", "merged_forwards", "merged_steps")
     SESSIONS_OPENED_FIELD_NUMBER: _ClassVar[int]
     INFERENCE_STEPS_FIELD_NUMBER: _ClassVar[int]
     FORWARDS_FIELD_NUMBER: _ClassVar[int]
     BACKWARDS_FIELD_NUMBER: _ClassVar[int]
+    PUSHED_STEPS_FIELD_NUMBER: _ClassVar[int]
     MERGED_FORWARDS_FIELD_NUMBER: _ClassVar[int]
     MERGED_STEPS_FIELD_NUMBER: _ClassVar[int]
     sessions_opened: int
     inference_steps: int
     forwards: int
     backwards: int
+    pushed_steps: int
     merged_forwards: int
     merged_steps: int
-    def __init__(self, sessions_opened: _Optional[int] = ..., inference_steps: _Optional[int] = ..., forwards: _Optional[int] = ..., backwards: _Optional[int] = ..., merged_forwards: _Optional[int] = ..., merged_steps: _Optional[int] = ...) -> None: ...
+    def __init__(self, sessions_opened: _Optional[int] = ..., inference_steps: _Optional[int] = ..., forwards: _Optional[int] = ..., backwards: _Optional[int] = ..., pushed_steps: _Optional[int] = ..., merged_forwards: _Optional[int] = ..., merged_steps: _Optional[int] = ...) -> None: ...
 
 class NamedTensor(_message.Message):
     __slots__ = ("name", "tensor")
@@ -194,68 +196,112 @@ class ForwardResponse(_message.Message):
     def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class InferenceRequest(_message.Message):
-    __slots__ = ("open", "step")
+    __slots__ = ("open", "step", "grant")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    GRANT_FIELD_NUMBER: _ClassVar[int]
     open: SessionOpen
     step: InferenceStep
-    def __init__(self, open: _Optional[_Union[SessionOpen, _Mapping]] = ..., step: _Optional[_Union[InferenceStep, _Mapping]] = ...) -> None: ...
+    grant: PushGrant
+    def __init__(self, open: _Optional[_Union[SessionOpen, _Mapping]] = ..., step: _Optional[_Union[InferenceStep, _Mapping]] = ..., grant: _Optional[_Union[PushGrant, _Mapping]] = ...) -> None: ...
 
 class SessionOpen(_message.Message):
-    __slots__ = ("span", "max_length", "batch_size", "response_codec", "adapter")
+    __slots__ = ("span", "max_length", "batch_size", "response_codec", "adapter", "pushers")
     SPAN_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_CODEC_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    PUSHERS_FIELD_NUMBER: _ClassVar[int]
     span: Span
     max_length: int
     batch_size: int
     response_codec: str
     adapter: Adapter
-    def __init__(self, span: _Optional[_Union[Span, _Mapping]] = ..., max_length: _Optional[int] = ..., batch_size: _Optional[int] = ..., response_codec: _Optional[str] = ..., adapter: _Optional[_Union[Adapter, _Mapping]] = ...) -> None: ...
+    pushers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, span: _Optional[_Union[Span, _Mapping]] = ..., max_length: _Optional[int] = ..., batch_size: _Optional[int] = ..., response_codec: _Optional[str] = ..., adapter: _Optional[_Union[Adapter, _Mapping]] = ..., pushers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class InferenceStep(_message.Message):
-    __slots__ = ("hidden_states", "position", "step_id", "attention_mask", "reorder")
+    __slots__ = ("hidden_states", "position", "step_id", "attention_mask", "reorder", "push_to")
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
     REORDER_FIELD_NUMBER: _ClassVar[int]
+    PUSH_TO_FIELD_NUMBER: _ClassVar[int]
     hidden_states: Tensor
     position: int
     step_id: int
     attention_mask: bytes
     reorder: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., step_id: _Optional[int] = ..., attention_mask: _Optional[bytes] = ..., reorder: _Optional[_Iterable[int]] = ...) -> None: ...
+    push_to: _containers.RepeatedCompositeFieldContainer[PushHop]
+    def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., step_id: _Optional[int] = ..., attention_mask: _Optional[bytes] = ..., reorder: _Optional[_Iterable[int]] = ..., push_to: _Optional[_Iterable[_Union[PushHop, _Mapping]]] = ...) -> None: ...
+
+class PushHop(_message.Message):
+    __slots__ = ("peer_id", "session_id", "reorder")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REORDER_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    session_id: bytes
+    reorder: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, peer_id: _Optional[str] = ..., session_id: _Optional[bytes] = ..., reorder: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class PushGrant(_message.Message):
+    __slots__ = ("pushers",)
+    PUSHERS_FIELD_NUMBER: _ClassVar[int]
+    pushers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, pushers: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PushRequest(_message.Message):
+    __slots__ = ("session_id", "step")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    session_id: bytes
+    step: InferenceStep
+    def __init__(self, session_id: _Optional[bytes] = ..., step: _Optional[_Union[InferenceStep, _Mapping]] = ...) -> None: ...
+
+class PushResponse(_message.Message):
+    __slots__ = ("error",)
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    error: Error
+    def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class InferenceResponse(_message.Message):
-    __slots__ = ("opened", "step", "error")
+    __slots__ = ("opened", "step", "error", "granted")
     OPENED_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    GRANTED_FIELD_NUMBER: _ClassVar[int]
     opened: SessionOpened
     step: StepResult
     error: Error
-    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., step: _Optional[_Union[StepResult, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    granted: PushGrant
+    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., step: _Optional[_Union[StepResult, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., granted: _Optional[_Union[PushGrant, _Mapping]] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
-    __slots__ = ("max_length", "max_tokens_per_request")
+    __slots__ = ("max_length", "max_tokens_per_request", "session_id")
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     max_length: int
     max_tokens_per_request: int
-    def __init__(self, max_length: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ...) -> None: ...
+    session_id: bytes
+    def __init__(self, max_length: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., session_id: _Optional[bytes] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("hidden_states", "position", "step_id")
+    __slots__ = ("hidden_states", "position", "step_id", "pushed", "push_error")
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    PUSHED_FIELD_NUMBER: _ClassVar[int]
+    PUSH_ERROR_FIELD_NUMBER: _ClassVar[int]
     hidden_states: Tensor
     position: int
     step_id: int
-    def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., step_id: _Optional[int] = ...) -> None: ...
+    pushed: bool
+    push_error: str
+    def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., step_id: _Optional[int] = ..., pushed: _Optional[bool] = ..., push_error: _Optional[str] = ...) -> None: ...
 
 class ReachabilityRequest(_message.Message):
     __slots__ = ("maddrs",)
