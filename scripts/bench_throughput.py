@@ -167,7 +167,7 @@ def server_compute(checkpoint: Path, block_range: str, prompt_lengths: list[int]
     caches = []
     for index in range(max(counts)):
         length = prompt_lengths[index % len(prompt_lengths)]
-        cache = SessionCache(config, start, end, 1, length + repeats + 1, torch.float32)
+        cache = SessionCache(config, start, end, 1, length + repeats * len(counts), torch.float32)  # a step per count per repeat
         with torch.inference_mode():
             runner(torch.randn(1, length, hidden), start, end, cache=cache)
         caches.append(cache)
@@ -177,8 +177,11 @@ def server_compute(checkpoint: Path, block_range: str, prompt_lengths: list[int]
             steps = [InferenceStep(runner, start, end, torch.randn(1, 1, hidden), cache.length, cache, None, None)
                      for cache in caches[:count]]
             began = time.perf_counter()
-            run_steps(steps)
+            outputs, _ = run_steps(steps)
             times[count].append(time.perf_counter() - began)
+            for output in outputs:
+                if isinstance(output, Exception):
+                    raise output
     one = statistics.median(times[counts[0]])
     return [
         {"sessions": count, "ms_per_forward": statistics.median(times[count]) * 1e3,
