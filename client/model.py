@@ -108,6 +108,7 @@ class DistributedCausalLMMixin:
         max_length = kwargs.get("max_length") or prompt_length + (
             kwargs.get("max_new_tokens") or self.generation_config.max_new_tokens or self.generation_config.max_length
         )
+        max_length += _draft_room(kwargs, self.generation_config)
         with self.inference_session(max_length=max_length, batch_size=batch_size * self._rows_per_input(kwargs)) as new_session:
             return self._generate_in_session(new_session, inputs, *args, **kwargs)
 
@@ -161,8 +162,12 @@ class DistributedCausalLMMixin:
             if session.last_output is None:
                 raise InvalidRequest("generate(None) continues a session, but this session has generated nothing yet")
             inputs = session.last_output
-        # Reuse the longest prefix the servers already hold; at least one token must be new.
+        # Reuse the longest prefix the servers already hold; at least one token must be new. Assisted
+        # generation cannot: its first pass hands the model the whole sequence (plain decoding's prefill
+        # slices off what the cache holds, assisted decoding's does not), so the servers start over.
         reused = min(_common_prefix_length(session.token_ids, inputs), inputs.shape[1] - 1)
+        if _is_assisted(kwargs, self.generation_config):
+            reused = 0
         if reused == 0:
             session.position = session.prefix_length = 0  # start over: prompts (if any) go in again
         else:
@@ -181,6 +186,21 @@ class DistributedCausalLMMixin:
         session.token_ids = sequences[:, :seen]
         session.last_output = sequences
         return output
+
+
+def _is_assisted(kwargs: dict, default: GenerationConfig) -> bool:
+    """Whether generate() will run transformers' assisted decoding (a draft verified in one pass)."""
+    config = kwargs.get("generation_config") or default
+    return kwargs.get("assistant_model") is not None or \
+        kwargs.get("prompt_lookup_num_tokens", config.prompt_lookup_num_tokens) is not None
+
+
+def _draft_room(kwargs: dict, default: GenerationConfig) -> int:
+    """Session length to add for assisted generation's draft, which may run past `max_length` before
+    verification cuts it: prompt lookup drafts up to `prompt_lookup_num_tokens` tokens at any point
+    (an assistant model's draft stays within `max_length`)."""
+    config = kwargs.get("generation_config") or default
+    return kwargs.get("prompt_lookup_num_tokens", config.prompt_lookup_num_tokens) or 0
 
 
 def _common_prefix_length(seen: torch.Tensor | None, inputs: torch.Tensor) -> int:
