@@ -114,14 +114,18 @@ class InferenceSession:
         """Tokens per sequence the servers hold, not counting prompt tuning's trainable prompts before them."""
         return self.position - self.prefix_length
 
-    def resume(self, inputs: torch.Tensor | None) -> torch.Tensor:
+    def resume(self, inputs: torch.Tensor | None, reuse_prefix: bool = True) -> torch.Tensor:
         """Get ready for a generate() call on `inputs` (batch, seq) (None: continue the last one's output):
-        reuse the longest prefix the servers hold, at least one token being new. Returns the inputs."""
+        reuse the longest prefix the servers hold, at least one token being new. Returns the inputs.
+
+        Assisted generation passes `reuse_prefix=False`: its first pass hands the model the whole
+        sequence (plain decoding's prefill slices off what the cache holds, assisted decoding's does
+        not), so the servers start over."""
         if inputs is None:
             if self.last_output is None:
                 raise InvalidRequest("generate(None) continues a session, but this session has generated nothing yet")
             inputs = self.last_output
-        reused = min(_common_prefix_length(self.token_ids, inputs), inputs.shape[1] - 1)
+        reused = min(_common_prefix_length(self.token_ids, inputs), inputs.shape[1] - 1) if reuse_prefix else 0
         if reused == 0:
             self.position = self.prefix_length = 0  # start over: prompts (if any) go in again
         else:

@@ -108,6 +108,7 @@ class DistributedCausalLMMixin:
         max_length = kwargs.get("max_length") or prompt_length + (
             kwargs.get("max_new_tokens") or self.generation_config.max_new_tokens or self.generation_config.max_length
         )
+        max_length += _draft_room(kwargs, self.generation_config)
         with self.inference_session(max_length=max_length, batch_size=batch_size * self._rows_per_input(kwargs)) as new_session:
             return self._generate_in_session(new_session, inputs, *args, **kwargs)
 
@@ -157,7 +158,7 @@ class DistributedCausalLMMixin:
         return kwargs.get("num_return_sequences", config.num_return_sequences) or 1
 
     def _generate_in_session(self, session: InferenceSession, inputs: torch.Tensor | None, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        inputs = session.resume(inputs)
+        inputs = session.resume(inputs, reuse_prefix=not _is_assisted(kwargs, self.generation_config))
         cache = {cache_argument(self.transformers_class.forward): RemoteCache(session)}
         with generating(session):
             output = super().generate(inputs, *args, **cache, **kwargs)  # type: ignore[misc]
@@ -171,6 +172,21 @@ class DistributedCausalLMMixin:
             )
         session.generated(sequences)
         return output
+
+
+def _is_assisted(kwargs: dict, default: GenerationConfig) -> bool:
+    """Whether generate() will run transformers' assisted decoding (a draft verified in one pass)."""
+    config = kwargs.get("generation_config") or default
+    return kwargs.get("assistant_model") is not None or \
+        kwargs.get("prompt_lookup_num_tokens", config.prompt_lookup_num_tokens) is not None
+
+
+def _draft_room(kwargs: dict, default: GenerationConfig) -> int:
+    """Session length to add for assisted generation's draft, which may run past `max_length` before
+    verification cuts it: prompt lookup drafts up to `prompt_lookup_num_tokens` tokens at any point
+    (an assistant model's draft stays within `max_length`)."""
+    config = kwargs.get("generation_config") or default
+    return kwargs.get("prompt_lookup_num_tokens", config.prompt_lookup_num_tokens) or 0
 
 
 @functools.cache

@@ -25,7 +25,7 @@ import transformers
 from torch import nn
 from transformers import DynamicCache
 
-from swarm.errors import CacheNotPassed
+from swarm.errors import CacheNotPassed, InvalidRequest
 from swarm.client.adapters import RequestAdapter
 from swarm.client.event_loop import run_sync
 from swarm.client.inference_session import InferenceSession
@@ -48,6 +48,20 @@ class RemoteCache(DynamicCache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.session.tokens_seen
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last `-tokens_to_remove` tokens (transformers' sign: a count <= 0), e.g. the draft
+        tokens that assisted generation rejected. Only the position moves here; the servers roll their
+        caches back when the next step arrives at the lower position (no extra round trip)."""
+        held = self.get_seq_length()
+        if tokens_to_remove > 0 or -tokens_to_remove > held:
+            raise InvalidRequest(f"cannot crop {-tokens_to_remove} tokens from a session holding {held}")
+        self.session.position += tokens_to_remove
+
+    @property
+    def is_croppable(self) -> bool:
+        """Rollback is exact: the servers keep attention keys and values, which they crop."""
+        return True
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search keeps the best rows: the servers' caches follow (with the next step)."""

@@ -99,6 +99,8 @@ def codec_costs(codec: str, hidden_size: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or alias (default: %(default)s)")
+    parser.add_argument("--codecs", nargs="+", default=list(CODECS), choices=CODECS, help="wire codecs to measure (default: all)")
+    parser.add_argument("--no-weights", action="store_true", help="skip the weight quantization table")
     parser.add_argument("--output", type=Path, default=Path("bench-results/codecs.json"), help="JSON file (default: %(default)s)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -120,7 +122,7 @@ def main() -> None:
     hidden = model.config.hidden_size
     bf16_bytes = codec_costs("bf16", hidden)["payload_bytes_per_token"]
     wire = []
-    for codec in CODECS:
+    for codec in args.codecs:
         handles = add_wire_hooks(model, codec)
         quality = teacher_forced(model, sequences)
         for handle in handles:
@@ -129,7 +131,7 @@ def main() -> None:
         wire.append({"codec": codec, **costs, "vs_bf16_bytes": costs["payload_bytes_per_token"] / bf16_bytes, **quality})
 
     weights = []
-    for quant_type in ("none", "int8", "nf4"):
+    for quant_type in () if args.no_weights else ("none", "int8", "nf4"):
         quantized = copy.deepcopy(model)
         quantize_linear_layers(quantized.model.layers, quant_type, torch.float32)
         block_bytes = sum(t.numel() * t.element_size() for t in quantized.model.layers[0].state_dict().values()

@@ -4,7 +4,10 @@
 For the same prompt and model (fp32), measures time to first token, per-token latency and
 tokens/s for N new greedy tokens, through plain transformers in this process and through a local
 swarm (a DHT and servers splitting the blocks), uncompressed and with the default wire codec.
-Prints a table and writes JSON.
+Then prompt-lookup decoding (transformers' `prompt_lookup_num_tokens`, drafts verified in one pass
+through the chain) against plain greedy on a prompt that repeats itself (rewriting a given
+paragraph), locally and through the swarm: tokens/s, passes through the model, same tokens.
+Prints tables and writes JSON.
 
     python scripts/bench_inference.py                 # default model, 2 servers, 64 tokens
     python scripts/bench_inference.py --servers 3 --repeats 5 --output bench.json
@@ -38,24 +41,34 @@ from swarm.wire.codecs import DEFAULT_CODEC  # noqa: E402
 logger = logging.getLogger("swarm.bench")
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+# A prompt whose answer repeats it: prompt lookup drafts the next tokens from the paragraph itself.
+REWRITE_PROMPT = (
+    "Rewrite the following paragraph, correcting its spelling mistakes and changing nothing else:\n\n"
+    "The old lighthouse stood on the edge of the cliff for more than a hundred years. Every night its keeper "
+    "climbed the narrow stairs, lit the great lamp and watched the ships pass safely in the dark. One stormy "
+    "evening he found a bottle on the rocks below, and inside it was a leter written by a sailor who had been "
+    "lost at sea many years before."
+)
 
 
 class TokenClock(StoppingCriteria):
     """Records when each new token is ready (generate calls this once per step); never stops."""
 
     def __init__(self) -> None:
-        self.stamps: list[float] = []
+        self.stamps: list[float] = []  # one per pass through the model (assisted decoding: several tokens each)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> torch.BoolTensor:
         self.stamps.append(time.perf_counter())
         return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
 
-def measure(model, input_ids: torch.Tensor, new_tokens: int, session_factory=None) -> dict:  # noqa: ANN001
-    """One timed generation: time to first token (ms), mean per-token latency after it (ms), tokens/s."""
+def measure(model, input_ids: torch.Tensor, new_tokens: int, session_factory=None, **generate_kwargs) -> dict:  # noqa: ANN001, ANN003
+    """One timed generation: time to first token (ms), mean time per pass after it (ms; a token each
+    unless decoding is assisted), tokens/s, passes."""
     clock = TokenClock()
     began = time.perf_counter()
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, stopping_criteria=[clock])
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, stopping_criteria=[clock],
+                  **generate_kwargs)
     with torch.inference_mode():
         if session_factory is None:
             output = model.generate(input_ids, **kwargs)
@@ -68,12 +81,13 @@ def measure(model, input_ids: torch.Tensor, new_tokens: int, session_factory=Non
         "ttft_ms": (clock.stamps[0] - began) * 1e3,
         "per_token_ms": statistics.mean(gaps) * 1e3,
         "tokens_per_s": new_tokens / (ended - began),
+        "passes": len(clock.stamps),
         "tokens": output[0, input_ids.shape[1]:].tolist(),
     }
 
 
 def summarize(runs: list[dict]) -> dict:
-    keys = ("ttft_ms", "per_token_ms", "tokens_per_s")
+    keys = ("ttft_ms", "per_token_ms", "tokens_per_s", "passes")
     return {key: statistics.median(run[key] for run in runs) for key in keys} | {"runs": [{k: r[k] for k in keys} for r in runs]}
 
 
@@ -85,6 +99,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per setup; medians are reported (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads, locally and per server (default: %(default)s)")
     parser.add_argument("--codecs", nargs="*", default=["none", DEFAULT_CODEC], help="wire codecs to measure (default: none %(default)s)")
+    parser.add_argument("--lookup-tokens", type=int, default=10,
+                        help="prompt_lookup_num_tokens for the prompt-lookup rows (default: %(default)s)")
     parser.add_argument("--output", type=Path, default=Path("bench-results/inference.json"), help="JSON file (default: %(default)s)")
     args = parser.parse_args()
     configure_logging()
@@ -94,10 +110,16 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     messages = [{"role": "user", "content": PROMPT}]
     input_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    rewrite_ids = tokenizer.apply_chat_template([{"role": "user", "content": REWRITE_PROMPT}], add_generation_prompt=True,
+                                                return_tensors="pt", return_dict=True)["input_ids"]
+    lookup = {"prompt_lookup_num_tokens": args.lookup_tokens}
 
     local = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     measure(local, input_ids, 4)  # warm-up
     local_runs = [measure(local, input_ids, args.new_tokens) for _ in range(args.repeats)]
+    # (setup, decoding) -> runs on the rewrite prompt
+    rewrite_runs = {("local", decoding): [measure(local, rewrite_ids, args.new_tokens, **extra) for _ in range(args.repeats)]
+                    for decoding, extra in (("greedy", {}), ("prompt lookup", lookup))}
     del local
 
     swarm = LocalSwarm()
@@ -114,6 +136,14 @@ def main() -> None:
                 measure(remote, input_ids, args.new_tokens, lambda: remote.inference_session(max_length=max_length))
                 for _ in range(args.repeats)
             ]
+            # Room for a draft that runs past the last token before verification cuts it.
+            rewrite_length = rewrite_ids.shape[1] + args.new_tokens + args.lookup_tokens
+            for decoding, extra in (("greedy", {}), ("prompt lookup", lookup)):
+                rewrite_runs[(f"swarm, wire {codec}", decoding)] = [
+                    measure(remote, rewrite_ids, args.new_tokens, lambda: remote.inference_session(max_length=rewrite_length),
+                            **extra)
+                    for _ in range(args.repeats)
+                ]
             remote.swarm_client.shutdown()
     finally:
         swarm.stop()
@@ -140,9 +170,28 @@ def main() -> None:
         extra = result["swarm"].get(codec, {"per_token_over_local": 1.0, "same_greedy_tokens_as_local": True})
         print(f"{name:<18}{summary['ttft_ms']:>10.1f}{summary['per_token_ms']:>15.2f}{summary['tokens_per_s']:>10.2f}"
               f"{extra['per_token_over_local']:>20.3f}{str(extra['same_greedy_tokens_as_local']):>13}")
+    result["prompt_lookup"] = prompt_lookup_table(rewrite_runs, rewrite_ids.shape[1], args)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.output}")
+
+
+def prompt_lookup_table(runs: dict[tuple[str, str], list[dict]], prompt_tokens: int, args: argparse.Namespace) -> dict:
+    """Print prompt lookup against plain greedy on the rewrite prompt, per setup; return the rows for the JSON."""
+    reference = runs[("local", "greedy")][0]["tokens"]
+    print(f"\nprompt lookup ({args.lookup_tokens} draft tokens) vs greedy, rewriting a paragraph: prompt {prompt_tokens} "
+          f"tokens, {args.new_tokens} new tokens, median of {args.repeats}")
+    print(f"{'setup':<18}{'decoding':<15}{'tokens/s':>10}{'passes':>8}{'speed-up':>10}{'same tokens as greedy':>23}")
+    rows = {}
+    for (setup, decoding), setup_runs in runs.items():
+        summary = summarize(setup_runs)
+        greedy_runs = runs[(setup, "greedy")]
+        same = all(run["tokens"] == greedy_runs[0]["tokens"] for run in setup_runs)
+        speedup = summary["tokens_per_s"] / statistics.median(run["tokens_per_s"] for run in greedy_runs)
+        rows[f"{setup}, {decoding}"] = summary | {"speedup_over_greedy": speedup, "same_tokens_as_greedy": same,
+                                                  "same_tokens_as_local_greedy": all(r["tokens"] == reference for r in setup_runs)}
+        print(f"{setup:<18}{decoding:<15}{summary['tokens_per_s']:>10.2f}{summary['passes']:>8.0f}{speedup:>10.2f}{str(same):>23}")
+    return rows
 
 
 if __name__ == "__main__":

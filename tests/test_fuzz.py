@@ -43,7 +43,7 @@ def tensors(draw: st.DrawFn, realistic: bool = False) -> pb.Tensor:
         shape = draw(st.lists(small_dims, min_size=3, max_size=3)) if realistic else draw(st.lists(small_dims, max_size=4))
         values = torch.randn(tuple(shape)) if torch.Size(shape).numel() <= 20_000 else torch.randn(1, 1, HIDDEN)
         message = encode(values, draw(st.sampled_from(CODECS)))
-        bend = draw(st.sampled_from(["none", "shape", "dtype", "data", "scales", "block_size", "codec"]))
+        bend = draw(st.sampled_from(["none", "shape", "dtype", "data", "scales", "block_size", "codec", "outliers"]))
         if bend == "shape":
             message.ClearField("shape")
             message.shape.extend(draw(st.lists(dims, max_size=5)))
@@ -55,6 +55,9 @@ def tensors(draw: st.DrawFn, realistic: bool = False) -> pb.Tensor:
             message.scales = draw(st.binary(max_size=64))
         elif bend == "block_size":
             message.block_size = draw(st.integers(min_value=0, max_value=2**32 - 1))
+        elif bend == "outliers":
+            message.outlier_index = draw(st.binary(max_size=64))
+            message.outlier_values = draw(st.binary(max_size=64))
         elif bend == "codec":
             message.codec = draw(st.sampled_from([*CODECS, "", "zstd", "int4"]))
         return message

@@ -1,4 +1,4 @@
-"""Tensor codecs for the wire: raw, half precision, and bitsandbytes' blockwise int8 and nf4.
+"""Tensor codecs for the wire: raw, half precision, bitsandbytes' blockwise int8 and nf4, and nf4o.
 
 Hidden states and gradients travel as `swarm.rpc.Tensor`. The client picks, per request, the
 codec of what it sends and of what it wants back; servers announce the codecs they accept.
@@ -6,9 +6,17 @@ Decoding never unpickles: it reads bytes of an allow-listed layout and checks ev
 against the declared shape before building the tensor, and rejects NaN/Inf that a codec
 cannot produce from finite inputs.
 
-Bytes per value (fp32 input): none 4, fp16/bf16 2, int8 1 + 4/64 (scales), nf4 0.5 + 4/64.
-Blocks of 64 values never straddle tokens for hidden sizes that are multiples of 64, so a
-token quantizes the same whether it travels alone (decode) or with others (prefill).
+Bytes per value (fp32 input): none 4, fp16/bf16 2, int8 1 + 4/64 (scales), nf4 0.5 + 4/64,
+nf4o 0.5 + 2/64 (scales) + 4/64 (outliers). Blocks of 64 values never straddle tokens for hidden
+sizes that are multiples of 64, so a token quantizes the same whether it travels alone (decode) or
+with others (prefill).
+
+nf4o exists because hidden states have a few huge channels (SmolLM2's channel 507 reaches 24890
+where a token's rms is about 6): a block of 4-bit codes scaled by its absolute maximum then
+rounds the block's other values to zero. nf4o keeps the largest |values| of each row (the last
+dimension, a token's hidden vector), one per block of 64 on average, apart as (uint16 position,
+bfloat16 value) and codes the rest as NormalFloat with a bfloat16 scale per block: 38 bytes per
+64 values, 0.297x bf16. scripts/bench_codecs.py measures what that buys (README, "Wire codecs").
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from swarm.errors import InvalidRequest
 from swarm.limits import WIRE_DTYPES
 from swarm.wire import swarm_rpc_pb2 as pb
 
-CODECS = ("none", "fp16", "bf16", "int8", "nf4")
+CODECS = ("none", "fp16", "bf16", "int8", "nf4", "nf4o")
 # Chosen by scripts/bench_codecs.py on the default model (see README, "Wire codecs").
 DEFAULT_CODEC = "int8"
 BLOCK_SIZE = 64
@@ -35,6 +43,9 @@ BLOCK_SIZE = 64
 _TORCH_DTYPES = {name: getattr(torch, name) for name in WIRE_DTYPES}
 _HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _INT8_CODE = bnb_functional.create_dynamic_map(signed=True)  # the map bitsandbytes uses by default
+_NF4_LEVELS = bnb_functional.get_4bit_type("nf4", device="cpu").float()  # 16 values in [-1, 1], code 7 is 0
+_NF4_MIDPOINTS = (_NF4_LEVELS[1:] + _NF4_LEVELS[:-1]) / 2
+MAX_NF4O_ROW = 2**16  # outlier positions travel as uint16
 
 
 def check_codec(codec: str) -> str:
@@ -57,6 +68,8 @@ def encode(tensor: torch.Tensor, codec: str = "none") -> pb.Tensor:
         message.data = _raw_bytes(flat)
     elif codec in _HALF:
         message.data = _raw_bytes(flat.to(_HALF[codec]))
+    elif codec == "nf4o":
+        _encode_nf4o(flat.float(), tensor.shape[-1] if tensor.dim() else 1, message)
     elif flat.numel() > 0:
         if codec == "int8":
             codes, state = bnb_functional.quantize_blockwise(flat.float(), code=_INT8_CODE, blocksize=BLOCK_SIZE)
@@ -133,6 +146,8 @@ def decode(message: pb.Tensor, max_elements: int | None = None) -> torch.Tensor:
     if message.block_size != BLOCK_SIZE:
         raise InvalidRequest(f"{codec} block size {message.block_size} is not supported (use {BLOCK_SIZE})")
     num_blocks = -(-numel // BLOCK_SIZE)
+    if codec == "nf4o":
+        return _decode_nf4o(message, shape, num_blocks).to(dtype)
     absmax = _from_raw(message.scales, torch.float32, (num_blocks,), f"{codec} scales")
     if not torch.isfinite(absmax).all() or (absmax < 0).any():
         raise InvalidRequest(f"{codec} scales must be finite and non-negative")
@@ -149,8 +164,62 @@ def decode(message: pb.Tensor, max_elements: int | None = None) -> torch.Tensor:
 
 
 def encoded_size(message: pb.Tensor) -> int:
-    """Bytes of payload (data and scales) a tensor takes on the wire."""
-    return len(message.data) + len(message.scales)
+    """Bytes of payload (data, scales, outliers) a tensor takes on the wire."""
+    return len(message.data) + len(message.scales) + len(message.outlier_index) + len(message.outlier_values)
+
+
+def _outliers_per_row(row: int) -> int:
+    return -(-row // BLOCK_SIZE)
+
+
+def _encode_nf4o(flat: torch.Tensor, row: int, message: pb.Tensor) -> None:
+    """Fill `message` with `flat` (numel,) float32, seen as rows of `row` values (see the module docstring)."""
+    numel = flat.numel()
+    if numel == 0:
+        return
+    if row > MAX_NF4O_ROW:
+        raise InvalidRequest(f"nf4o carries rows of at most {MAX_NF4O_ROW} values, got {row}")
+    rows = flat.reshape(-1, row).clone()
+    index = rows.abs().topk(_outliers_per_row(row), dim=1).indices  # (rows, outliers per row)
+    outliers = rows.gather(1, index).to(torch.bfloat16)
+    rows.scatter_(1, index, 0.0)
+    blocks = torch.nn.functional.pad(rows.reshape(-1), (0, -numel % BLOCK_SIZE)).reshape(-1, BLOCK_SIZE)
+    absmax = blocks.abs().amax(dim=1)
+    scales = absmax.to(torch.bfloat16)
+    rounded_down = scales.float() < absmax  # round scales up, so that every value fits in [-1, 1]
+    scales[rounded_down] = torch.nextafter(scales[rounded_down], torch.tensor(math.inf, dtype=torch.bfloat16))
+    divisor = torch.where(scales > 0, scales.float(), 1.0)[:, None]
+    # The nearest level's code: how many midpoints lie below (torch.bucketize is ~100x slower on CPU here).
+    codes = ((blocks / divisor)[..., None] > _NF4_MIDPOINTS).sum(-1, dtype=torch.uint8).reshape(-1)[:numel]
+    codes = torch.nn.functional.pad(codes, (0, numel % 2), value=7)  # an odd count ends with code 7 (zero)
+    message.data = _raw_bytes(codes[0::2] << 4 | codes[1::2])
+    message.scales = _raw_bytes(scales)
+    message.block_size = BLOCK_SIZE
+    message.outlier_index = _raw_bytes(index.to(torch.uint16))
+    message.outlier_values = _raw_bytes(outliers)
+
+
+def _decode_nf4o(message: pb.Tensor, shape: tuple[int, ...], num_blocks: int) -> torch.Tensor:
+    """The float32 tensor of `shape` an nf4o message holds; every length is checked before use."""
+    numel = math.prod(shape)
+    row = shape[-1] if shape else 1
+    if row > MAX_NF4O_ROW:
+        raise InvalidRequest(f"nf4o carries rows of at most {MAX_NF4O_ROW} values, got {row}")
+    outliers_shape = (numel // row, _outliers_per_row(row))
+    scales = _from_raw(message.scales, torch.bfloat16, (num_blocks,), "nf4o scales").float()
+    if not torch.isfinite(scales).all() or (scales < 0).any():
+        raise InvalidRequest("nf4o scales must be finite and non-negative")
+    packed = _from_raw(message.data, torch.uint8, (-(-numel // 2),), "nf4o codes")
+    index = _from_raw(message.outlier_index, torch.uint16, outliers_shape, "nf4o outlier positions").long()
+    outliers = _from_raw(message.outlier_values, torch.bfloat16, outliers_shape, "nf4o outlier values").float()
+    if bool((index >= row).any()):
+        raise InvalidRequest(f"nf4o outlier positions must be below the row length {row}")
+    if not torch.isfinite(outliers).all():
+        raise InvalidRequest("nf4o outlier values must be finite")
+    codes = torch.stack([packed >> 4, packed & 15], dim=1).reshape(-1)[:numel].long()
+    blocks = torch.nn.functional.pad(_NF4_LEVELS[codes], (0, -numel % BLOCK_SIZE)).reshape(-1, BLOCK_SIZE)
+    rows = (blocks * scales[:, None]).reshape(-1)[:numel].reshape(outliers_shape[0], row)
+    return rows.scatter_(1, index, outliers).reshape(shape)
 
 
 def _raw_bytes(tensor: torch.Tensor) -> bytes:
