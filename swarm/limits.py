@@ -39,3 +39,10 @@ SESSION_IDLE_TIMEOUT = 300.0  # seconds
 DEFAULT_REQUEST_TIMEOUT = 30.0  # seconds
 # How long an open waits for cache room before the server refuses it.
 CACHE_WAIT_TIMEOUT = 10.0  # seconds
+
+# Fetching a model's files from peers (swarm/fetch/). A chunk fills one frame with room for its tags.
+FETCH_CHUNK_BYTES = MAX_FRAME_BYTES - 1024
+MAX_MANIFEST_BYTES = 64 << 20  # a 1000-block model's manifest is a few MB
+MAX_FETCHED_FILE_BYTES = 64 << 20  # config and tokenizer files (the manifest gives their hashes, not sizes)
+FETCH_CHUNK_TIMEOUT = 30.0  # seconds a peer may take to send the next chunk
+FETCH_PARALLEL_DOWNLOADS = 4  # tensors downloaded at once, spread over the peers that share them

@@ -5,6 +5,7 @@
     swarm.inference   stream  frames of InferenceRequest (open, step...) -> frames of InferenceResponse
     swarm.backward    stream  frames of BackwardRequest -> frames of BackwardResponse
     swarm.reachability unary ReachabilityRequest -> ReachabilityResponse (served by public peers, see swarm/reachability.py)
+    swarm.fetch       stream  frames of one FetchRequest -> frames of FetchChunks (a model's files, see swarm/fetch/)
 """
 
 RPC_INFO = "swarm.info"
@@ -12,3 +13,4 @@ RPC_FORWARD = "swarm.forward"
 RPC_INFERENCE = "swarm.inference"
 RPC_BACKWARD = "swarm.backward"
 RPC_REACHABILITY = "swarm.reachability"
+RPC_FETCH = "swarm.fetch"
