@@ -86,12 +86,15 @@ class ModelFetcher:
         if manifest is None:
             manifest = await self._fetch_manifest(await self._providers(None))
         await self._fetch_config(manifest)
-        if tokenizer:
-            await self._fetch_tokenizer(manifest)
         for part in sorted(parts):
             if not manifest.tensors_of(part):
                 raise ConfigError(f"model {self.model_id} has no {part_label(part)}: its manifest lists no tensor of it")
-        if parts - store.parts_present(self.directory, manifest):
+        missing = parts - store.parts_present(self.directory, manifest)
+        if missing:  # before anything else is downloaded: is every missing part shared by someone?
+            self._check_shared(manifest, await self._providers(manifest), missing)
+        if tokenizer:
+            await self._fetch_tokenizer(manifest)
+        if missing:
             with store.locked(self.directory):  # staged part files have fixed names: one fetch of them at a time
                 missing = parts - store.parts_present(self.directory, manifest)
                 if missing:
@@ -157,7 +160,8 @@ class ModelFetcher:
                 return None if hashlib.sha256(data).hexdigest() == sha256 else "its sha256 differs from the manifest's"
 
             request = pb.FetchRequest(model_id=self.model_id, file=name)
-            peers = sorted((await self._providers(manifest)).parts)
+            providers = await self._providers(manifest)  # a folder with the client part most likely has the tokenizer
+            peers = providers.of(CLIENT_PART) or sorted(providers.parts)
             store.write_atomically(path, await self._whole_file(name, request, MAX_FETCHED_FILE_BYTES, check, peers))
 
     async def _whole_file(
@@ -192,12 +196,15 @@ class ModelFetcher:
 
     # --- tensors ----------------------------------------------------------------------------------
 
-    async def _fetch_parts(self, manifest: Manifest, providers: Providers, parts: set[str]) -> None:
-        for part in sorted(parts):
+    def _check_shared(self, manifest: Manifest, providers: Providers, parts: set[str]) -> None:
+        for part in sorted(parts, key=lambda part: (part != CLIENT_PART, int(part.split(":")[-1]) if ":" in part else 0)):
             if not providers.of(part):
                 names = sorted(manifest.tensors_of(part))
                 raise ConfigError(f"no online server of model {self.model_id} shares {part_label(part)} "
                                   f"(tensors {', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+
+    async def _fetch_parts(self, manifest: Manifest, providers: Providers, parts: set[str]) -> None:
+        self._check_shared(manifest, providers, parts)
         staged = {part: store.StagedPart(self.directory, part, manifest.tensors_of(part)) for part in sorted(parts)}
         needed = sum(stage.total for stage in staged.values())
         free = shutil.disk_usage(self.directory).free
@@ -282,6 +289,7 @@ class ModelFetcher:
             request = pb.FetchRequest(model_id=self.model_id, tensor=pb.TensorRange(name=name, offset=offset, length=size - offset))
             self.in_flight[peer] += 1
             self.asked.add(peer)
+            why = "its stream ended early"
             try:
                 await download(self.p2p, peer, request, size - offset, sink)
             except Oversized as e:
@@ -290,11 +298,12 @@ class ModelFetcher:
                 progress = _Progress()
                 continue
             except RemoteError as e:
-                logger.info("fetching tensor %s from %s failed at byte %d: %s; continuing elsewhere", name, peer[-8:],
-                            progress.received, e)
+                why = str(e)
             finally:
                 self.in_flight[peer] -= 1
             if progress.received < size:
+                logger.info("server %s stopped sending tensor %s at byte %d of %d (%s); continuing elsewhere", peer[-8:], name,
+                            progress.received, size, why)
                 failed_here.add(peer)
                 self.failures[peer] += 1
         raise ConfigError(f"could not fetch tensor {name} of {part_label(part)} of {self.model_id}: too many failed attempts")
