@@ -6,7 +6,6 @@ holds complete files only."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from collections.abc import Iterator
@@ -14,18 +13,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from swarm import AutoDistributedModelForCausalLM
 from swarm.client.event_loop import run_sync
 from swarm.client.local_processes import SHARED_CORES_ENV, LocalSwarm, ManagedProcess
-from swarm.errors import ConfigError, InvalidRecord
+from swarm.errors import ConfigError, InvalidRecord, RemoteError
 from swarm.fetch.fetcher import _config_matches
+from swarm.fetch.transfer import download
 from swarm.fetch.store import StagedPart
 from swarm.health.state import collect_state
 from swarm.manifest import load_manifest, tensor_sha256
 from swarm.records import ServerRecord, ServerState, parts_shared, shares_of
+from swarm.wire import swarm_rpc_pb2 as pb
 from tests.test_manifest import only_blocks, write_manifest
 
 pytestmark = pytest.mark.timeout(300)
@@ -106,6 +107,39 @@ def test_the_health_state_shows_who_shares_the_client_part(model, honest_swarm):
         remote.swarm_client.shutdown()
     assert view.dht_prefix == model[1]
     assert len(view.client_part_peers) == 2 and all(server.shares == ["client", "0:6"] for server in view.servers)
+
+
+def test_bad_fetch_requests_get_an_error_and_the_server_keeps_sharing(model, honest_swarm):
+    checkpoint, model_id = model
+    remote = AutoDistributedModelForCausalLM.from_pretrained(checkpoint, initial_peers=honest_swarm.initial_peers)
+    client = remote.swarm_client
+    try:
+        peer = next(iter(run_sync(client.fetch_blocks())[0]))
+        size = 64 * 4  # model.norm.weight: 64 float32
+
+        def fetch(limit: int = 1 << 20, **what) -> bytes:
+            received: list[bytes] = []
+            run_sync(download(client.p2p, peer, pb.FetchRequest(**{"model_id": model_id, **what}), limit, received.append))
+            return b"".join(received)
+
+        for what, refusal in [
+            (dict(model_id="llama-6x64-0123456789abcdef", manifest=True), "this server shares model"),
+            (dict(file="../model.safetensors"), "is not a file this server shares"),
+            (dict(file="model.safetensors"), "is not a file this server shares"),
+            (dict(tensor=pb.TensorRange(name="no.such.tensor", length=4)), "does not share tensor"),
+            (dict(tensor=pb.TensorRange(name="model.norm.weight", offset=size - 4, length=8)), "outside tensor model.norm.weight"),
+            (dict(), "must ask for the manifest, a file or a tensor"),
+        ]:
+            with pytest.raises(RemoteError, match=refusal):
+                fetch(**what)
+        with pytest.raises(RemoteError, match="sent more than the 100 bytes asked for"):
+            fetch(limit=100, tensor=pb.TensorRange(name="model.norm.weight", length=size))
+        stored = load_file(checkpoint / "model.safetensors")["model.norm.weight"]
+        assert fetch(tensor=pb.TensorRange(name="model.norm.weight", offset=8, length=size - 8)) == \
+            stored.view(torch.uint8).numpy().tobytes()[8:]
+        assert load_manifest(checkpoint).model_id == model_id and model_id in fetch(manifest=True).decode()
+    finally:
+        client.shutdown()
 
 
 @pytest.mark.parametrize("lie", ["corrupt", "truncate"])

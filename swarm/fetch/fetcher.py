@@ -127,8 +127,8 @@ class ModelFetcher:
         def check(data: bytes) -> str | None:
             try:
                 manifest = Manifest.from_json(data.decode("utf-8", errors="strict"), "sent by the peer")
-            except (ConfigError, UnicodeDecodeError) as e:
-                return str(e)
+            except (ConfigError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: absurdly nested JSON
+                return str(e) or type(e).__name__
             return None if manifest.model_id == self.model_id else f"its manifest hashes to {manifest.model_id}"
 
         data = await self._whole_file("the manifest", pb.FetchRequest(model_id=self.model_id, manifest=True), MAX_MANIFEST_BYTES,
@@ -343,6 +343,6 @@ def _config_matches(data: bytes, manifest: Manifest) -> str | None:
     """None if `data` is a config.json equal to the manifest's config, else why not."""
     try:
         config = canonical(json.loads(data))
-    except ValueError as e:
-        return f"config.json is not valid JSON: {e}"
+    except (ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
+        return f"config.json is not valid JSON: {type(e).__name__}: {e}"
     return None if config == manifest.config else "config.json does not match the model's manifest"
