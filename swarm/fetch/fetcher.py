@@ -73,9 +73,8 @@ class ModelFetcher:
         self.failures: Counter[str] = Counter()
         self.in_flight: Counter[str] = Counter()
         self.asked: set[str] = set()  # peers asked for tensors
-        self.bytes_fetched = 0
         self._found: Providers | None = None
-        self._found_for: Manifest | None = None
+        self._found_all_blocks = False  # read with the manifest's number of blocks, not the index's claim
 
     async def fetch(self, parts: set[str], tokenizer: bool = False) -> Path:
         """Make the cache folder hold the manifest, config (and tokenizer) and `parts` ("client", "block:N").
@@ -103,11 +102,11 @@ class ModelFetcher:
 
     async def _providers(self, manifest: Manifest | None) -> Providers:
         """The model's online servers (read once the manifest gives the number of blocks, and reused)."""
-        if self._found is None or (manifest is not None and self._found_for is None):
+        if self._found is None or (manifest is not None and not self._found_all_blocks):
             num_blocks = int(manifest.config.get("num_hidden_layers", 0)) if manifest is not None else None
             loop = asyncio.get_running_loop()
             self._found = await loop.run_in_executor(None, find_providers, self.dht, self.model_id, num_blocks)
-            self._found_for = manifest
+            self._found_all_blocks = manifest is not None
         return self._found
 
     # --- manifest, config, tokenizer --------------------------------------------------------------
@@ -187,7 +186,6 @@ class ModelFetcher:
             data = b"".join(parts)
             problem = check(data)
             if problem is None:
-                self.bytes_fetched += len(data)
                 return data
             self._ban(peer, f"{what} it sent is wrong: {problem}")
             reasons.append(f"server {peer[-8:]}: {problem}")
@@ -260,7 +258,6 @@ class ModelFetcher:
         for attempt in range(attempts + 1):
             if progress.received == size:
                 if progress.digest.hexdigest() == expected:
-                    self.bytes_fetched += size
                     return
                 if len(progress.senders) == 1:
                     self._ban(progress.senders.pop(), f"sent bytes of tensor {name} that do not match the manifest")
