@@ -142,25 +142,27 @@ def test_bad_fetch_requests_get_an_error_and_the_server_keeps_sharing(model, hon
         client.shutdown()
 
 
-@pytest.mark.parametrize("lie", ["corrupt", "truncate"])
-def test_a_server_with_an_empty_cache_fetches_its_blocks_around_a_bad_peer(model, expected_tokens, lie, tmp_path):
+def test_a_server_with_an_empty_cache_fetches_its_blocks_around_bad_peers(model, expected_tokens, tmp_path):
+    """Three servers hold the whole checkpoint: one honest, one that corrupts tensor bytes, one that stops
+    halfway through every tensor. Four downloads at once go to the least busy peers, so all three are asked."""
     checkpoint, model_id = model
     swarm = LocalSwarm()
     try:
         swarm.start_dht()
-        swarm.start_server(checkpoint, "0:3", "--num-threads", "1")
-        liar = server(swarm, checkpoint, "0:3", tmp_path / "liar", module="tests.lying_fetch_server", env={"SWARM_TEST_LIE": lie})
-        liar_id = liar.wait_for_line("serving blocks").rsplit(" as ", 1)[1].strip()
+        honest = swarm.start_server(checkpoint, "0:3", "--num-threads", "1", wait=False)
+        liars = {lie: server(swarm, checkpoint, "0:3", tmp_path / lie, module="tests.lying_fetch_server", env={"SWARM_TEST_LIE": lie})
+                 for lie in ("corrupt", "truncate")}
+        honest.wait_for_line("serving blocks")
+        corrupt, truncate = (liars[lie].wait_for_line("serving blocks").rsplit(" as ", 1)[1].strip() for lie in ("corrupt", "truncate"))
         fetching = server(swarm, model_id, "3:6", tmp_path / "empty")
         fetching.wait_for_line("serving blocks")
-        if lie == "corrupt":
-            fetching.wait_for_line(f"banned server {liar_id} for this fetch: sent bytes of tensor model.layers.")
-        else:
-            fetching.wait_for_line("continuing elsewhere")
+        fetching.wait_for_line(f"banned server {corrupt} for this fetch: sent bytes of tensor model.layers.")
+        fetching.wait_for_line(f"server {truncate[-8:]} stopped sending tensor model.layers.")
         fetching.wait_for_line("fetched 27 tensors")
+        assert f"banned server {truncate}" not in fetching.output()  # stopping early is a failure, not a lie
         assert cached_files(tmp_path / "empty") == [f"{model_id}/{name}" for name in (
             "block-00003.safetensors", "block-00004.safetensors", "block-00005.safetensors", "config.json", "swarm-manifest.json")]
-        # The liar computes honestly; the route over 3:6 can only be the server that fetched its blocks.
+        # The liars compute honestly; the route over 3:6 can only be the server that fetched its blocks.
         assert torch.equal(generate(checkpoint, swarm), expected_tokens)
     finally:
         swarm.stop()
