@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 
 from swarm.cli.logs import configure_logging
 from swarm.errors import SwarmError
+from swarm.model_id import is_model_id
 from swarm.model_source import DEFAULT_MODEL, resolve_model
 
 logger = logging.getLogger("swarm.api")  # not __name__: run with -m, that is "__main__"
@@ -46,13 +47,14 @@ def main(argv: list[str] | None = None) -> None:
     from swarm.client.api_generation import Generator
 
     try:
-        checkpoint = resolve_model(args.model)
+        if not is_model_id(args.model):
+            resolve_model(args.model)  # a bad path fails here, before joining the swarm
         codec = {"wire_codec": args.wire_codec} if args.wire_codec else {}
         model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.initial_peers, **codec)
     except SwarmError as e:
         print(f"swarm-api: error: {e}", file=sys.stderr)
         sys.exit(2)
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)  # the checkpoint, or the folder a model id was fetched to
     generator = Generator(model, tokenizer, args.max_concurrency)
     app = create_app(generator, args.model_name or args.model, frozenset(args.api_key))
     try:

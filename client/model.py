@@ -28,7 +28,10 @@ from swarm.errors import CacheNotPassed, ConfigError, InvalidRequest
 from swarm.families import ModelFamily, family_of, load_config
 from swarm.limits import ROUTE_WAIT
 from swarm.wire.codecs import DEFAULT_CODEC
-from swarm.model_id import model_dht_prefix, validate_dht_prefix
+from swarm.fetch.fetcher import ModelFetcher
+from swarm.model_id import is_model_id, model_dht_prefix, validate_dht_prefix
+from swarm.records import CLIENT_PART
+from swarm.client.event_loop import run_sync
 from swarm.manifest import load_manifest, verify_tensor
 from swarm.model_source import cache_root, resolve_model
 from swarm.client.inference_session import InferenceSession
@@ -218,7 +221,10 @@ class AutoDistributedModelForCausalLM:
         verify_fraction: float = 0.0,
         push: bool = True,
     ) -> PreTrainedModel:
-        """Load the local parts of `model` (a checkpoint directory or an alias such as 'smollm2').
+        """Load the local parts of `model`: a checkpoint directory, an alias such as 'smollm2', or a model id
+        (`swarm-model manifest` prints it; the swarm's health page lists them), whose manifest, config,
+        tokenizer and client part (embeddings, final norm, head) are then fetched from the swarm's servers,
+        verified, and cached under `~/.cache/swarm/models/MODEL_ID/`.
 
         `initial_peers`: multiaddrs of any peers of the swarm. `route_wait`: how long a request
         waits for missing blocks to appear before it fails with MissingBlocksError.
@@ -236,33 +242,44 @@ class AutoDistributedModelForCausalLM:
             raise ConfigError("initial_peers=[...] is required: the multiaddrs printed by swarm-dht or a server")
         if not 0 <= verify_fraction <= 1:
             raise ConfigError(f"verify_fraction must be between 0 and 1, got {verify_fraction}")
-        checkpoint = resolve_model(model)
-        config = load_config(checkpoint)
-        family = family_of(config)
-        prefix = validate_dht_prefix(dht_prefix) if dht_prefix else model_dht_prefix(checkpoint)
-        with torch.device("meta"):
-            distributed = distributed_class(family.causal_lm_class(config))(config)
         client = SwarmClient(
             list(initial_peers),
-            prefix,
-            config.num_hidden_layers,
+            "",
+            0,
             route_wait=route_wait,
             allowed_servers=allowed_servers,
             blocked_servers=blocked_servers,
             codecs=WireCodecs(wire_codec, response_codec or wire_codec),
             push=push,
         )
-        distributed.model.layers = nn.ModuleList([RemoteSequential(client, distributed.request_adapter)])
-        _load_local_weights(distributed, checkpoint, family, torch_dtype)
-        _initialize_buffers(distributed)
-        if (checkpoint / "generation_config.json").exists():
-            distributed.generation_config = GenerationConfig.from_pretrained(checkpoint)
-        distributed.swarm_client = client
-        if verify_fraction > 0:
-            client.spot_checker = SpotChecker(client, verify_fraction)
-        distributed.setup_tuning(tuning_mode, pre_seq_len)
-        distributed.eval()
-        client.start()
+        try:
+            if is_model_id(model):  # fetch the manifest, config, tokenizer and client part from peers (cached)
+                client.start()
+                fetcher = ModelFetcher(client.dht, client.p2p, str(model))
+                checkpoint = run_sync(fetcher.fetch({CLIENT_PART}, tokenizer=True))
+            else:
+                checkpoint = resolve_model(model)
+            config = load_config(checkpoint)
+            family = family_of(config)
+            client.dht_prefix = validate_dht_prefix(dht_prefix) if dht_prefix else model_dht_prefix(checkpoint)
+            client.num_blocks = config.num_hidden_layers
+            with torch.device("meta"):
+                distributed = distributed_class(family.causal_lm_class(config))(config)
+            distributed.model.layers = nn.ModuleList([RemoteSequential(client, distributed.request_adapter)])
+            _load_local_weights(distributed, checkpoint, family, torch_dtype)
+            _initialize_buffers(distributed)
+            if (checkpoint / "generation_config.json").exists():
+                distributed.generation_config = GenerationConfig.from_pretrained(checkpoint)
+            distributed.swarm_client = client
+            if verify_fraction > 0:
+                client.spot_checker = SpotChecker(client, verify_fraction)
+            distributed.setup_tuning(tuning_mode, pre_seq_len)
+            distributed.eval()
+            client.start()
+        except BaseException:
+            client.shutdown()
+            raise
+        prefix = client.dht_prefix
         logger.info("loaded %s (%d remote blocks, DHT prefix %s)", checkpoint.name, config.num_hidden_layers, prefix)
         return distributed
 

@@ -61,6 +61,9 @@ class SwarmClient:
         self.spot_checker: SpotChecker | None = None  # set by from_pretrained(verify_fraction=...)
 
     def start(self) -> None:
+        """Join the DHT as a client (once: a client that fetched its model's files first has joined already)."""
+        if self.dht is not None:
+            return
         self.dht = swarm_dht.start_dht(self.initial_peers, client_mode=True)
         self.p2p = run_sync(self.dht.replicate_p2p())
         atexit.register(self.shutdown)  # a script that never calls shutdown() still leaves cleanly

@@ -30,7 +30,8 @@ def _field(default, help: str, **meta):  # noqa: ANN001, ANN202 (a dataclass fie
 @dataclasses.dataclass(kw_only=True)
 class ServerConfig:
     model: str = _field(
-        "smollm2", "a local transformers checkpoint directory, or 'smollm2' (the embedded default model)", positional=True
+        "smollm2", "a local transformers checkpoint directory, 'smollm2' (the embedded default model), or a model id "
+        "(e.g. llama-30x576-0123456789abcdef: the manifest, config and the blocks' tensors are fetched from peers)", positional=True
     )
     blocks: str | None = _field(None, "the blocks to serve as START:END, a half-open range like a Python slice", metavar="A:B")
     num_blocks: int | None = _field(

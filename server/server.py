@@ -19,10 +19,12 @@ import torch
 from swarm import dht as swarm_dht
 from swarm.errors import ConfigError
 from swarm.families import ModelFamily, family_of, load_config
-from swarm.model_id import model_dht_prefix, validate_dht_prefix
-from swarm.model_source import resolve_model
+from swarm.fetch.fetcher import fetch_model
+from swarm.manifest import load_manifest
+from swarm.model_id import is_model_id, model_dht_prefix, validate_dht_prefix
+from swarm.model_source import cache_root, resolve_model
 from swarm.reachability import check_reachability
-from swarm.records import ModelRecord, ServerRecord, ServerState
+from swarm.records import ModelRecord, ServerRecord, ServerState, shares_of
 from swarm.version import __version__
 from swarm.wire import swarm_rpc_pb2 as pb
 from swarm.wire.codecs import CODECS
@@ -33,6 +35,7 @@ from swarm.server.cache_budget import CacheBudget
 from swarm.server.compute_worker import ComputeWorker
 from swarm.server.config import ServerConfig, parse_block_range
 from swarm.server.peer_limits import PeerGovernor, PeerLimits
+from swarm.server.fetch_service import FetchService
 from swarm.server.handlers import RequestLimits, SpanHandlers
 from swarm.server.placement import block_throughputs, choose_start, should_move
 from swarm.server.span_runner import SpanRunner
@@ -58,7 +61,11 @@ class Server:
         cfg = self.config
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
-        self.checkpoint = resolve_model(cfg.model)
+        self.fetching = is_model_id(cfg.model)  # a model id: fetch the manifest, config and blocks from peers
+        if self.fetching:
+            self.checkpoint = fetch_model(cfg.model, cfg.initial_peers, set())
+        else:
+            self.checkpoint = resolve_model(cfg.model)
         self.model_config = load_config(self.checkpoint)
         self.family = family_of(self.model_config)
         self.total_blocks = self.model_config.num_hidden_layers
@@ -177,6 +184,8 @@ class Server:
 
     def _load_runner(self, start: int, end: int) -> SpanRunner:
         cfg = self.config
+        if self.fetching:
+            fetch_model(cfg.model, cfg.initial_peers, {f"block:{index}" for index in range(start, end)})
         layers = load_span_layers(self.checkpoint, self.model_config, self.family, start, end, self.dtype, self.device, cfg.quant_type)
         return SpanRunner(self.model_config, self.family, start, layers).to(self.device)
 
@@ -218,8 +227,12 @@ class Server:
             runner=self.runner, worker=worker, budget=budget, limits=limits, info=info, activations=activations,
             governor=PeerGovernor(peer_limits),
         )
+        self.sharing = FetchService(checkpoint=self.checkpoint, manifest=load_manifest(self.checkpoint, cache_root()),
+                                    governor=handlers.governor, request_timeout=cfg.request_timeout)
+        self.announcer.record = dataclasses.replace(self.announcer.record, shares=shares_of(self.sharing.index()))
         p2p = await self.dht.replicate_p2p()
         await handlers.register(p2p)
+        await self.sharing.register(p2p)
         self.announcer.cache_tokens_left = handlers.cache_tokens_left
         await loop.run_in_executor(None, self.announcer.announce, ServerState.ONLINE)
         if cfg.new_swarm:
@@ -259,6 +272,8 @@ class Server:
                 start, end = target, target + cfg.num_blocks
                 logger.info("moving from blocks %d:%d to %d:%d: the swarm is clearly better that way", current.start, current.end, start, end)
                 runner = await loop.run_in_executor(None, self._load_runner, start, end)
+                shared = await loop.run_in_executor(None, self.sharing.index)  # blocks just fetched are shared too
+                self.announcer.record = dataclasses.replace(self.announcer.record, shares=shares_of(shared))
                 await loop.run_in_executor(None, self.announcer.move, start, end)
                 handlers.runner = runner  # open sessions keep the runner they started with
                 handlers.info.span.CopyFrom(pb.Span(start=start, end=end))

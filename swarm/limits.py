@@ -43,3 +43,9 @@ CACHE_WAIT_TIMEOUT = 10.0  # seconds
 # Server-to-server push: a step travels server to server as one unary message (hivemind caps those
 # at 4 MiB, notes/hivemind.md §3); a larger one (a long prefill) goes through the client instead.
 PUSH_MAX_BYTES = 2 << 20  # of hidden states at 4 bytes per value, leaving room for codec scales and fields
+# Fetching a model's files from peers (swarm/fetch/). A chunk fills one frame with room for its tags.
+FETCH_CHUNK_BYTES = MAX_FRAME_BYTES - 1024
+MAX_MANIFEST_BYTES = 64 << 20  # a 1000-block model's manifest is a few MB
+MAX_FETCHED_FILE_BYTES = 64 << 20  # config and tokenizer files (the manifest gives their hashes, not sizes)
+FETCH_CHUNK_TIMEOUT = 30.0  # seconds a peer may take to send the next chunk
+FETCH_PARALLEL_DOWNLOADS = 4  # tensors downloaded at once, spread over the peers that share them

@@ -3,8 +3,9 @@
 The manifest lists the config (minus fields that do not change the computation), the tokenizer
 files' hashes, and for every tensor its name, dtype, shape, part ("block:N" for decoder block N,
 "client" for embeddings, final norm and head) and the sha256 of its bytes as stored. The model id
-(its DHT prefix) is a hash of the config and tensors, so it is the same whoever computes it and
-however the tensors are split into files. Servers and clients verify the tensors they load
+(its DHT prefix) is a hash of the config, the tokenizer files' hashes and the tensors, so it is the
+same whoever computes it and however the tensors are split into files, and a manifest fetched from
+a stranger is believed only if it hashes to the id asked for (swarm/fetch/). Servers and clients verify the tensors they load
 against it, and a folder that holds only some tensors (a server's blocks) can still be identified
 by the manifest that comes with it (`swarm-manifest.json`, written by `swarm-model manifest`).
 
@@ -56,8 +57,9 @@ class Manifest:
 
     @property
     def model_id(self) -> str:
-        """`{model_type}-{layers}x{hidden}-{digest}`: the model's DHT prefix."""
-        body = {"config": self.config, "tensors": {name: dataclasses.asdict(entry) for name, entry in sorted(self.tensors.items())}}
+        """`{model_type}-{layers}x{hidden}-{digest}`: the model's DHT prefix (see swarm.model_id.MODEL_ID)."""
+        body = {"config": self.config, "tokenizer": self.tokenizer,
+                "tensors": {name: dataclasses.asdict(entry) for name, entry in sorted(self.tensors.items())}}
         digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
         model_type = re.sub(r"[^A-Za-z0-9_]", "_", str(self.config.get("model_type", "model")))
         return f"{model_type}-{self.config.get('num_hidden_layers', 0)}x{self.config.get('hidden_size', 0)}-{digest}"
@@ -83,6 +85,21 @@ class Manifest:
             return cls(dict(data["config"]), {str(k): str(v) for k, v in data["tokenizer"].items()}, tensors, from_file)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ConfigError(f"the manifest {where} is malformed: {e}") from None
+
+
+# Bytes per element of safetensors' dtypes; a manifest with any other dtype is refused.
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
+                "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+
+
+def tensor_nbytes(name: str, entry: TensorEntry) -> int:
+    """How many bytes the tensor takes as stored: what a peer must send for it, known before asking."""
+    if entry.dtype not in _DTYPE_BYTES or any(size < 0 for size in entry.shape):
+        raise ConfigError(f"the manifest gives tensor {name} an unknown dtype {entry.dtype!r} or a negative size")
+    count = 1
+    for size in entry.shape:
+        count *= size
+    return count * _DTYPE_BYTES[entry.dtype]
 
 
 def part_of(tensor_name: str) -> str:
@@ -137,8 +154,15 @@ def compute_manifest(checkpoint_dir: Path) -> Manifest:
 def canonical_config(checkpoint_dir: Path) -> dict[str, Any]:
     try:
         config = json.loads((checkpoint_dir / "config.json").read_text())
+        return canonical(config)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot read the model config in {checkpoint_dir}: {e}") from None
+
+
+def canonical(config: Any) -> dict[str, Any]:
+    """A parsed config.json without the fields that do not change the computation; ValueError if not an object."""
+    if not isinstance(config, dict):
+        raise ValueError("config.json is not a JSON object")
     return {key: value for key, value in config.items() if key not in _IGNORED_CONFIG_FIELDS}
 
 

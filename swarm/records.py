@@ -37,6 +37,7 @@ import enum
 import hashlib
 import logging
 import math
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -91,6 +92,32 @@ def block_ranges(indices: list[int]) -> list[tuple[int, int]]:
         else:
             ranges.append((index, index + 1))
     return ranges
+
+
+_BLOCK_RANGE = re.compile(r"([0-9]{1,4}):([0-9]{1,4})")
+CLIENT_PART = "client"  # a manifest's part of the embeddings, final norm and head (swarm.manifest)
+
+
+def shares_of(parts: Iterable[str]) -> tuple[str, ...]:
+    """A record's `shares` for manifest parts ("client", "block:N"): e.g. ("client", "0:30")."""
+    parts = set(parts)
+    blocks = sorted(int(part.split(":", 1)[1]) for part in parts if part.startswith("block:"))
+    shared = [f"{start}:{end}" for start, end in block_ranges(blocks)]
+    return ((CLIENT_PART,) if CLIENT_PART in parts else ()) + tuple(shared)
+
+
+def parts_shared(shares: Iterable[str]) -> frozenset[str]:
+    """The manifest parts a record's `shares` names; InvalidRecord on anything malformed."""
+    parts: set[str] = set()
+    for item in shares:
+        if item == CLIENT_PART:
+            parts.add(CLIENT_PART)
+            continue
+        match = _BLOCK_RANGE.fullmatch(item)
+        if match is None or not 0 <= int(match[1]) < int(match[2]) <= MAX_NUM_BLOCKS:
+            raise InvalidRecord(f"shares entry {item[:32]!r} is neither 'client' nor a block range A:B")
+        parts.update(f"block:{index}" for index in range(int(match[1]), int(match[2])))
+    return frozenset(parts)
 
 
 # --- identity: libp2p keys and peer ids -------------------------------------------------------------
@@ -242,6 +269,9 @@ class ServerRecord:
     reachability: str = "direct"  # "direct" | "relay"
     # Round trips (seconds) to servers that hold this server's `end` block, measured by this server.
     next_pings: tuple[tuple[str, float], ...] = ()
+    # What this server shares over swarm.fetch besides the manifest and config: "client" (embeddings,
+    # final norm, head) and block ranges "A:B" whose tensors it holds (see `shares_of` / `parts_shared`).
+    shares: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not (0 <= self.start < self.end <= MAX_NUM_BLOCKS):
@@ -255,6 +285,7 @@ class ServerRecord:
         value["codecs"] = list(self.codecs)
         value["adapters"] = list(self.adapters)
         value["next_pings"] = dict(self.next_pings)
+        value["shares"] = list(self.shares)
         return value
 
     @classmethod
@@ -292,6 +323,7 @@ _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "public_name": str,
     "reachability": str,
     "next_pings": dict,
+    "shares": (list, tuple),
 }
 _MAX_INT = 2**53  # integers beyond this are no token count or block index
 
@@ -309,6 +341,8 @@ def _check_field(name: str, value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         if len(value) > _MAX_LIST or not all(isinstance(item, str) and len(item) <= _MAX_STRING for item in value):
             raise InvalidRecord(f"field {name!r} must be a short list of short strings")
+        if name == "shares":
+            parts_shared(value)  # raises InvalidRecord on anything but "client" and block ranges
         return tuple(value)
     if isinstance(value, dict):  # next_pings
         if len(value) > _MAX_LIST or not all(

@@ -9,6 +9,7 @@
         "healthy": bool,                   # every block has at least one online server
         "replicas": [int, ...],            # online servers per block
         "missing": [[start, end], ...],    # half-open ranges no online server holds
+        "client_part_peers": [str, ...],   # online servers that share the client part (embeddings, norm, head)
         "invalid_count": int,              # records dropped in this model's keys (failed checks or unsigned)
         "invalid_records": {peer_id: reason},  # some of them (at most 32): the peer id each names, and why
         "servers": [{
@@ -16,6 +17,7 @@
           "start": int, "end": int, "throughput": float, "inference_rps": float,
           "torch_dtype": str, "quant_type": str, "adapters": [str], "cache_tokens_left": int,
           "reachability": "direct"|"relay", "next_pings": {peer_id: seconds},
+          "shares": [str, ...],            # what it shares over swarm.fetch: "client" and block ranges "A:B"
           "probe_ms": float | null         # this monitor's info call round trip; null: no answer
         }, ...]
       }, ...],
@@ -34,7 +36,7 @@ import time
 
 from swarm.dht import DHT, fetch_model_index, fetch_records_at
 from swarm.transport import P2P, ping
-from swarm.records import Rejections, ServerRecord, ServerState, agreed_model, block_ranges
+from swarm.records import CLIENT_PART, Rejections, ServerRecord, ServerState, agreed_model, block_ranges
 
 
 PROBE_TIMEOUT = 3.0  # seconds an info call may take before the server counts as not answering
@@ -56,6 +58,7 @@ class ServerView:
     cache_tokens_left: int
     reachability: str
     next_pings: dict[str, float]
+    shares: list[str]
     probe_ms: float | None = None  # round trip of an info call from this monitor; None: did not answer
 
     @classmethod
@@ -65,6 +68,7 @@ class ServerView:
             start=record.start, end=record.end, throughput=record.throughput, inference_rps=record.inference_rps,
             torch_dtype=record.torch_dtype, quant_type=record.quant_type, adapters=list(record.adapters),
             cache_tokens_left=record.cache_tokens_left, reachability=record.reachability, next_pings=dict(record.next_pings),
+            shares=list(record.shares),
         )
 
 
@@ -79,6 +83,7 @@ class ModelView:
     invalid_count: int
     invalid_records: dict[str, str]
     servers: list[ServerView]
+    client_part_peers: list[str]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +132,8 @@ def collect_state(dht: DHT) -> SwarmState:
         replicas = [sum(r.state == ServerState.ONLINE for r in blocks[i].values()) for i in range(model.num_blocks)]
         missing = block_ranges([index for index, count in enumerate(replicas) if count == 0])
         views = sorted((ServerView.of(peer, record) for peer, record in servers.items()), key=lambda v: (v.start, v.peer_id))
+        client_part_peers = sorted(peer for peer, record in servers.items()
+                                   if record.state == ServerState.ONLINE and CLIENT_PART in record.shares)
         models.append(ModelView(prefix, model.model_type, model.num_blocks, not missing, replicas, missing,
-                                rejected.count, rejected.reasons, views))
+                                rejected.count, rejected.reasons, views, client_part_peers))
     return SwarmState(time.time(), models, index_rejected.count)

@@ -6,6 +6,7 @@
     swarm.backward    stream  frames of BackwardRequest -> frames of BackwardResponse
     swarm.push        unary   PushRequest -> PushResponse (server to server: a step into the next hop's session)
     swarm.reachability unary ReachabilityRequest -> ReachabilityResponse (served by public peers, see swarm/reachability.py)
+    swarm.fetch       stream  frames of one FetchRequest -> frames of FetchChunks (a model's files, see swarm/fetch/)
 """
 
 RPC_INFO = "swarm.info"
@@ -14,3 +15,4 @@ RPC_INFERENCE = "swarm.inference"
 RPC_BACKWARD = "swarm.backward"
 RPC_REACHABILITY = "swarm.reachability"
 RPC_PUSH = "swarm.push"
+RPC_FETCH = "swarm.fetch"

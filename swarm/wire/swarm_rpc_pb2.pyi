@@ -320,3 +320,33 @@ class ReachabilityResponse(_message.Message):
     reachable: bool
     error: str
     def __init__(self, reachable: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+
+class FetchRequest(_message.Message):
+    __slots__ = ("model_id", "manifest", "file", "tensor")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    manifest: bool
+    file: str
+    tensor: TensorRange
+    def __init__(self, model_id: _Optional[str] = ..., manifest: _Optional[bool] = ..., file: _Optional[str] = ..., tensor: _Optional[_Union[TensorRange, _Mapping]] = ...) -> None: ...
+
+class TensorRange(_message.Message):
+    __slots__ = ("name", "offset", "length")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    offset: int
+    length: int
+    def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class FetchChunk(_message.Message):
+    __slots__ = ("data", "error")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    error: Error
+    def __init__(self, data: _Optional[bytes] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
