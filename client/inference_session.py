@@ -96,7 +96,8 @@ class InferenceSession:
         self, start: int, end: int, history: torch.Tensor | None, history_mask: torch.Tensor | None = None
     ) -> list[_Hop]:
         """Open sessions on a fresh route over [start, end) and replay `history` (with its padding mask) through it."""
-        route = await self.client.inference_route(start, end, min_cache_tokens=self.batch_size * self.max_length)
+        held = self.adapter.held_hash if self.adapter is not None else ""
+        route = await self.client.inference_route(start, end, min_cache_tokens=self.batch_size * self.max_length, adapter=held)
         hops: list[_Hop] = []
         try:
             for planned in route:

@@ -22,6 +22,9 @@ from swarm.records import ServerRecord, ServerState, block_ranges
 
 DEFAULT_RTT = 0.05  # seconds: assumed round trip to a server not pinged yet
 DEFAULT_STEP_TIME = 0.01  # seconds per block: assumed for a server that announces no throughput
+# Seconds added to a hop on a server that lacks the adapter a session names: it fetches the slice before the
+# first step (tens of ms on loopback for a small LoRA, more across the internet), so a holder wins unless it is much slower.
+ADAPTER_FETCH_PENALTY = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,8 +104,10 @@ def inference_route(
     model: str,
     servers: ServerFilter = ServerFilter(),
     rtt: Mapping[str, float] = {},
+    adapter: str = "",
 ) -> list[RouteHop]:
-    """The route over [start, end) with the least expected time per decode step."""
+    """The route over [start, end) with the least expected time per decode step; with `adapter` (a hash
+    of an adapter held by servers), a server that would have to fetch it first costs ADAPTER_FETCH_PENALTY more."""
     # For each block, the usable servers there as (peer, hop end, round trip, seconds per block).
     # Each record object is checked once (swarm.dht shares one object along a server's span; all
     # stay alive during this call, so their ids are stable); the loops stay lean for 1000 servers.
@@ -115,7 +120,8 @@ def inference_route(
             key = id(record)
             if key not in checked:
                 usable = servers.usable(peer, record)
-                checked[key] = (peer, min(record.end, end), rtt.get(peer, DEFAULT_RTT), step_time_per_block(record)) if usable else None
+                fetch = ADAPTER_FETCH_PENALTY if adapter and adapter not in record.adapters else 0.0
+                checked[key] = (peer, min(record.end, end), rtt.get(peer, DEFAULT_RTT) + fetch, step_time_per_block(record)) if usable else None
             if checked[key] is not None:
                 here.append(checked[key])
         if not here:
@@ -152,14 +158,18 @@ def forward_route(
     servers: ServerFilter = ServerFilter(),
     in_flight: Mapping[str, int] = {},
     rng: random.Random | None = None,
+    adapter: str = "",
 ) -> list[RouteHop]:
-    """A route over [start, end) drawn by throughput and this client's current load on each server."""
+    """A route over [start, end) drawn by throughput and this client's current load on each server; with
+    `adapter` (a hash of an adapter held by servers), among the servers that hold it wherever some do."""
     _check_coverage(blocks, start, end, servers, model)
     rng = rng or random.Random()
     route: list[RouteHop] = []
     position = start
     while position < end:
         candidates = [(peer, record) for peer, record in blocks[position].items() if servers.usable(peer, record)]
+        holders = [(peer, record) for peer, record in candidates if adapter and adapter in record.adapters]
+        candidates = holders or candidates
         weights = [
             max(record.throughput, 1e-3) * (record.end - position) / (1 + in_flight.get(peer, 0))
             for peer, record in candidates

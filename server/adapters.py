@@ -34,6 +34,7 @@ class ParsedAdapter:
     lora: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # A: (rank, in), B: (out, rank)
     lora_names: dict[tuple[int, str, str], str]  # (block, path, "lora_A"/"lora_B") -> wire name
     deep_prompts: torch.Tensor | None
+    frozen: bool = False  # an adapter held by the server (adapter_store.py): applied, never trained
 
     def nbytes(self) -> int:
         return sum(tensor.numel() * tensor.element_size() for tensor in self.tensors())
@@ -43,6 +44,8 @@ class ParsedAdapter:
         return found + ([self.deep_prompts] if self.deep_prompts is not None else [])
 
     def requires_grad_(self) -> ParsedAdapter:
+        if self.frozen:
+            return self
         for tensor in self.tensors():
             tensor.requires_grad_(True)
         return self
@@ -64,7 +67,7 @@ def parse_adapter(message: pb.Adapter, runner: SpanRunner, start: int, end: int,
         block, path, kind = _split_name(named.name)
         if not start <= block < end:
             raise InvalidRequest(f"adapter tensor {named.name!r} is for block {block}, outside the requested blocks {start}:{end}")
-        linear = _linear_at(runner, block, path, named.name)
+        linear = linear_at(runner, block, path, named.name)
         if (block, path, kind) in names:
             raise InvalidRequest(f"adapter tensor {named.name!r} appears twice")
         expected = (rank, linear.in_features) if kind == "lora_A" else (linear.out_features, rank)
@@ -102,7 +105,7 @@ def _split_name(name: str) -> tuple[int, str, str]:
     return int(block), path, kind
 
 
-def _linear_at(runner: SpanRunner, block: int, path: str, name: str) -> nn.Module:
+def linear_at(runner: SpanRunner, block: int, path: str, name: str) -> nn.Module:
     layer = runner.layers[block - runner.start]
     try:
         module = layer.get_submodule(path)

@@ -4,6 +4,8 @@
     swarm.forward     stream  frames of ForwardRequest -> frames of ForwardResponse
     swarm.inference   stream  frames of InferenceRequest (open, step...) -> frames of InferenceResponse
     swarm.backward    stream  frames of BackwardRequest -> frames of BackwardResponse
+    swarm.adapter_fetch stream AdapterFetchRequest -> frames of AdapterFetchResponse (a slice of a held adapter)
+    swarm.adapter_store stream frames of AdapterStoreRequest -> frames of AdapterStoreResponse (publishing)
     swarm.reachability unary ReachabilityRequest -> ReachabilityResponse (served by public peers, see swarm/reachability.py)
 """
 
@@ -12,3 +14,5 @@ RPC_FORWARD = "swarm.forward"
 RPC_INFERENCE = "swarm.inference"
 RPC_BACKWARD = "swarm.backward"
 RPC_REACHABILITY = "swarm.reachability"
+RPC_ADAPTER_FETCH = "swarm.adapter_fetch"
+RPC_ADAPTER_STORE = "swarm.adapter_store"
