@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -63,10 +64,11 @@ def read_peft_folder(directory: Path, base: str, layer_key_prefix: str, max_byte
             tensors[name] = tensor.to(torch.float32).contiguous()
     if not tensors:
         raise ConfigError(f"{weights_file} holds no LoRA matrices")
+    rank: Any = config.get("r")
+    alpha: Any = config.get("lora_alpha")
     try:
-        manifest = build_manifest(base, config.get("r"), config.get("lora_alpha"), config.get("lora_dropout", 0.0),
-                                  config.get("use_rslora", False), tensors)
-    except (InvalidRequest, TypeError) as e:
+        manifest = build_manifest(base, rank, alpha, config.get("lora_dropout", 0.0), config.get("use_rslora", False), tensors)
+    except (InvalidRequest, TypeError, ValueError) as e:
         raise ConfigError(f"{directory}: {e}") from None
     return manifest, tensors
 
@@ -77,7 +79,7 @@ def write_peft_folder(directory: Path, manifest: AdapterManifest, tensors: dict[
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = LoraConfig(r=manifest.rank, lora_alpha=manifest.alpha, lora_dropout=manifest.dropout, use_rslora=manifest.rslora,
+    config = LoraConfig(r=manifest.rank, lora_alpha=manifest.alpha,  # type: ignore[arg-type]  # peft takes any number lora_dropout=manifest.dropout, use_rslora=manifest.rslora,
                         target_modules=manifest.target_paths(), task_type="CAUSAL_LM")
     config.save_pretrained(str(directory))
     state = {f"{PEFT_PREFIX}{layer_key_prefix}{name}.weight": tensor.contiguous() for name, tensor in tensors.items()}

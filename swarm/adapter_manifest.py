@@ -132,10 +132,10 @@ def _is_hex_hash(text: Any) -> bool:
     return isinstance(text, str) and len(text) == HASH_CHARS and all(c in "0123456789abcdef" for c in text)
 
 
-def check_hash(text: str) -> str:
+def check_hash(text: Any) -> str:
     """An adapter hash as given by a caller (64 lowercase hex digits), or InvalidRequest."""
     if not _is_hex_hash(text):
-        raise InvalidRequest(f"adapter hash {text[:80]!r} is not 64 lowercase hex digits")
+        raise InvalidRequest(f"adapter hash {str(text)[:80]!r} is not 64 lowercase hex digits")
     return text
 
 

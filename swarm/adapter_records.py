@@ -74,7 +74,7 @@ class AdapterVersion:
         if isinstance(version, bool) or not isinstance(version, int) or not 0 < version <= MAX_VERSIONS:
             raise InvalidRecord("bad version number")
         try:
-            check_hash(digest)
+            digest = check_hash(digest)
             if not isinstance(parents, list) or len(parents) > MAX_PARENTS:
                 raise InvalidRecord("bad parents")
             for parent in parents:
