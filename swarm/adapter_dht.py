@@ -16,6 +16,8 @@ from swarm.dht import DHT, DHT_CALL_TIMEOUT, _entries, _get_many, _own_subkey, _
 from swarm.errors import InvalidRecord
 from swarm.records import RecordSigner, Rejections
 
+MAX_NAMES_READ = 1024  # names one listing reads (each holder lists at most MAX_NAMES_PER_SERVER)
+
 
 def declare_adapter_names(dht: DHT, signer: RecordSigner, base: str, records: list[AdapterName], expiration: float) -> None:
     """Store the documents this peer carries, and its signed list of their names, in one DHT call."""
@@ -56,4 +58,4 @@ def fetch_all_adapter_names(dht: DHT, base: str, rejected: Rejections | None = N
             names.update(open_names_list(base, entry))
         except InvalidRecord as e:
             rejected.add(entry.peer_id, f"adapter names: {e}")
-    return fetch_adapter_names_at(dht, base, sorted(names), rejected) if names else {}
+    return fetch_adapter_names_at(dht, base, sorted(names)[:MAX_NAMES_READ], rejected) if names else {}

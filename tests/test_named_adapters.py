@@ -7,9 +7,12 @@ used from a distributed model that carries no weights.
 
 from __future__ import annotations
 
+import json
+import socket
 import subprocess
 import sys
 import threading
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -30,6 +33,12 @@ from swarm.wire import swarm_rpc_pb2 as pb
 pytestmark = pytest.mark.timeout(600)
 
 IDS = torch.randint(3, 211, (1, 7), generator=torch.Generator().manual_seed(3))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def make_adapter(path: Path, directory: Path, seed: int, **config) -> Path:  # noqa: ANN003
@@ -123,8 +132,17 @@ def test_two_sessions_with_different_adapters_at_once(published):
         remote.swarm_client.shutdown()
 
 
-def test_list_log_pull(published, tmp_path):
+def test_list_log_pull_and_health_page(published, tmp_path):
     path, swarm, servers, folders, _ = published
+    url = swarm.start_health(free_port(), "--refresh-period", "1")
+    state = json.loads(urllib.request.urlopen(url + "api/v1/state?refresh=1", timeout=30).read())
+    (model,) = state["models"]
+    adapters = {adapter["name"]: adapter for adapter in model["adapters"]}
+    assert set(adapters) >= {"alpha", "beta"}
+    first = adapters["beta"]["versions"][-1]
+    assert first["version"] == 1 and first["provenance"] == "test data for beta"
+    assert len(first["holders"]) >= 2 and min(first["coverage"]) >= 2  # two holders of every block
+    assert "beta" in urllib.request.urlopen(url, timeout=30).read().decode()
     listed = cli(swarm, path, "list")
     assert listed.returncode == 0, listed.stderr
     assert "alpha@1" in listed.stdout and "beta@1" in listed.stdout
