@@ -13,6 +13,7 @@ from swarm.errors import SwarmError
 from swarm.families import family_of, load_config
 from swarm.model_id import model_dht_prefix
 from swarm.model_source import DEFAULT_MODEL, resolve_model
+from swarm.client.adapter_merge import METHODS, merge_published
 from swarm.client.adapter_registry import AdapterRegistry, default_identity_path, load_signer
 from swarm.client.swarm_client import SwarmClient
 
@@ -23,6 +24,7 @@ EXAMPLE = """examples:
   swarm-adapter list --initial-peers MADDR
   swarm-adapter log support-bot --initial-peers MADDR
   swarm-adapter pull support-bot@2 ./support-bot --initial-peers MADDR
+  swarm-adapter merge support-bot sql-helper --method ties --weights 1 1 --density 0.5 --name both --initial-peers MADDR
 then in Python: model.load_adapter("swarm:support-bot", adapter_name="bot")
 """
 
@@ -45,6 +47,14 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("list", parents=[common], help="the adapters published for this model")
     log = commands.add_parser("log", parents=[common], help="an adapter's versions and lineage")
     log.add_argument("name")
+    merge = commands.add_parser("merge", parents=[common], help="merge published adapters with peft and publish the result")
+    merge.add_argument("specs", nargs="+", metavar="NAME[@VERSION]")
+    merge.add_argument("--method", required=True, choices=METHODS, help="peft's add_weighted_adapter combination_type")
+    merge.add_argument("--weights", nargs="+", type=float, required=True, help="one weight per adapter")
+    merge.add_argument("--density", type=float, default=None, help="fraction of values kept (ties, dare_ties, dare_linear)")
+    merge.add_argument("--name", required=True, help="the merged adapter's name")
+    merge.add_argument("--provenance", default="", help="free-form notes kept with the new version")
+    merge.add_argument("--identity-path", type=Path, default=None, help="the publisher key (as for publish)")
     pull = commands.add_parser("pull", parents=[common], help="fetch NAME[@VERSION] into a folder that peft loads")
     pull.add_argument("spec", metavar="NAME[@VERSION]")
     pull.add_argument("directory", type=Path)
@@ -66,6 +76,12 @@ def main(argv: list[str] | None = None) -> None:
                                     provenance=args.provenance)
             holders = ", ".join(f"{peer[-8:]}[{a}:{b}]" for peer, (a, b) in sorted(done.holders.items(), key=lambda i: i[1]))
             print(f"published {args.name}@{done.version.version} {done.version.hash} (publisher {done.record.publisher}); held by {holders}")
+        elif args.command == "merge":
+            signer = load_signer(args.identity_path or default_identity_path())
+            done = merge_published(registry, args.specs, args.weights, args.method, args.density, args.name, signer, config,
+                                   layer_prefix, args.provenance)
+            print(f"published {args.name}@{done.version.version} {done.version.hash} ({done.version.method}; parents "
+                  f"{', '.join(parent[:12] for parent in done.version.parents)})")
         elif args.command == "list":
             for name, record in sorted(registry.records().items()):
                 latest = record.latest()

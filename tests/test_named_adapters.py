@@ -69,7 +69,8 @@ def published(tiny_models, tmp_path_factory):
     try:
         swarm.start_dht()
         servers = swarm.start_servers(path, ["0:3", "3:6", "0:6"], "--num-threads", "1", "--throughput", "100")
-        folders = {"alpha": make_adapter(path, root / "alpha", 1), "beta": make_adapter(path, root / "beta", 2, r=8)}
+        folders = {"alpha": make_adapter(path, root / "alpha", 1), "beta": make_adapter(path, root / "beta", 2, r=8),
+                   "gamma": make_adapter(path, root / "gamma", 4)}
         key = root / "publisher.key"
         for name, folder in folders.items():
             done = cli(swarm, path, "publish", str(folder), "--name", name, "--identity-path", str(key),
@@ -108,7 +109,7 @@ def test_two_sessions_with_different_adapters_at_once(published):
     try:
         remote.load_adapter("swarm:alpha", adapter_name="a")
         remote.load_adapter("swarm:beta", adapter_name="b")
-        expected = {name: local_peft(path, folders[name]).generate(IDS, max_new_tokens=6, do_sample=False) for name in folders}
+        expected = {name: local_peft(path, folders[name]).generate(IDS, max_new_tokens=6, do_sample=False) for name in ("alpha", "beta")}
         outputs: dict[str, torch.Tensor] = {}
         opened = threading.Event()
 
@@ -125,7 +126,7 @@ def test_two_sessions_with_different_adapters_at_once(published):
             assert opened.wait(60)
             outputs["alpha"] = remote.generate(IDS, max_new_tokens=6, do_sample=False)
             thread.join(120)
-        for name in folders:
+        for name in expected:
             assert torch.equal(outputs[name], expected[name]), name
         assert not torch.equal(expected["alpha"], expected["beta"])
     finally:
@@ -152,6 +153,30 @@ def test_list_log_pull_and_health_page(published, tmp_path):
     assert pulled.returncode == 0, pulled.stderr
     with torch.no_grad():
         torch.testing.assert_close(local_peft(path, tmp_path / "beta")(IDS).logits, local_peft(path, folders["beta"])(IDS).logits)
+
+
+@pytest.mark.parametrize("method, specs, density", [("ties", ["alpha@1", "gamma"], "0.5"), ("svd", ["alpha@1", "beta"], None)])
+def test_merge_equals_peft_add_weighted_adapter(published, method, specs, density):
+    path, swarm, servers, folders, key = published
+    extra = ["--density", density] if density else []
+    done = cli(swarm, path, "merge", *specs, "--method", method, "--weights", "0.7", "0.5", *extra, "--name", f"mix-{method}",
+               "--identity-path", str(key))
+    assert done.returncode == 0, done.stderr
+    local = local_peft(path, folders["alpha"])
+    local.load_adapter(str(folders[specs[1]]), adapter_name="other")
+    local.add_weighted_adapter(["default", "other"], [0.7, 0.5], "merged", combination_type=method,
+                               **({"density": float(density)} if density else {}))
+    local.set_adapter("merged")
+    remote = remote_model(path, swarm)
+    try:
+        remote.load_adapter(f"swarm:mix-{method}", adapter_name="mix")
+        with torch.no_grad():
+            torch.testing.assert_close(remote(IDS).logits, local(IDS).logits, atol=1e-4, rtol=1e-4)
+        record = AdapterRegistry(remote.swarm_client).record(f"mix-{method}")
+        parents = tuple(AdapterRegistry(remote.swarm_client).resolve(spec)[1].hash for spec in specs)
+        assert record.latest().parents == parents and record.latest().method.startswith(f"merge {method}")
+    finally:
+        remote.swarm_client.shutdown()
 
 
 def test_trainable_fork_and_new_version(published):
