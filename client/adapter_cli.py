@@ -7,7 +7,8 @@ import datetime
 import sys
 from pathlib import Path
 
-from swarm.adapter_files import read_peft_folder, write_peft_folder
+from swarm.adapter_files import PROVENANCE_FILE, read_peft_folder, read_provenance, write_peft_folder
+from swarm.adapter_records import MAX_PROVENANCE_CHARS
 from swarm.cli.logs import configure_logging
 from swarm.errors import SwarmError
 from swarm.families import family_of, load_config
@@ -39,7 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     publish = commands.add_parser("publish", parents=[common], help="place a peft LoRA folder on the servers under a name")
     publish.add_argument("directory", type=Path, help="a peft LoRA folder (adapter_config.json, adapter_model.safetensors)")
     publish.add_argument("--name", required=True, help="the adapter's name; a new version if it exists and is yours")
-    publish.add_argument("--provenance", default="", help="free-form: training data and their hashes, who, why")
+    publish.add_argument("--provenance", default=None,
+                         help=f"free-form: training data and their hashes, who, why (default: the folder's {PROVENANCE_FILE}, if any)")
     publish.add_argument("--method", default="trained", help="how it was made (default: %(default)s)")
     publish.add_argument("--parents", nargs="*", default=[], help="hashes of the adapters it was made from")
     publish.add_argument("--identity-path", type=Path, default=None,
@@ -72,8 +74,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "publish":
             signer = load_signer(args.identity_path or default_identity_path())
             manifest, tensors = read_peft_folder(args.directory, prefix, layer_prefix, MAX_FOLDER_BYTES)
+            provenance = args.provenance if args.provenance is not None else read_provenance(args.directory, MAX_PROVENANCE_CHARS)
             done = registry.publish(manifest, tensors, args.name, signer, parents=tuple(args.parents), method=args.method,
-                                    provenance=args.provenance)
+                                    provenance=provenance)
             holders = ", ".join(f"{peer[-8:]}[{a}:{b}]" for peer, (a, b) in sorted(done.holders.items(), key=lambda i: i[1]))
             print(f"published {args.name}@{done.version.version} {done.version.hash} (publisher {done.record.publisher}); held by {holders}")
         elif args.command == "merge":

@@ -21,6 +21,7 @@ from swarm.errors import ConfigError, InvalidRequest
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+PROVENANCE_FILE = "swarm-provenance.txt"  # free-form notes a publish keeps with the version (scripts/finetune.py writes one)
 _UNSUPPORTED = ("use_dora", "rank_pattern", "alpha_pattern", "layers_to_transform", "modules_to_save", "target_parameters")
 
 
@@ -84,3 +85,12 @@ def write_peft_folder(directory: Path, manifest: AdapterManifest, tensors: dict[
     config.save_pretrained(str(directory))
     state = {f"{PEFT_PREFIX}{layer_key_prefix}{name}.weight": tensor.contiguous() for name, tensor in tensors.items()}
     save_file(state, str(directory / PEFT_WEIGHTS), metadata={"format": "pt"})
+
+
+def read_provenance(directory: Path, max_chars: int) -> str:
+    """The folder's provenance notes ("" if it has none), at most `max_chars` characters."""
+    path = Path(directory) / PROVENANCE_FILE
+    if not path.is_file():
+        return ""
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        return handle.read(max_chars + 1)[:max_chars].strip()
