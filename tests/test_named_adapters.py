@@ -21,6 +21,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from swarm import AutoDistributedModelForCausalLM
+from swarm.adapter_files import read_peft_folder
 from swarm.adapter_manifest import build_manifest
 from swarm.adapter_transfer import slice_message
 from swarm.client.adapter_registry import AdapterRegistry, _store
@@ -68,7 +69,11 @@ def published(tiny_models, tmp_path_factory):
     swarm = LocalSwarm()
     try:
         swarm.start_dht()
-        servers = swarm.start_servers(path, ["0:3", "3:6", "0:6"], "--num-threads", "1", "--throughput", "100")
+        flags = ("--num-threads", "1", "--throughput", "100")
+        servers = [swarm.start_server(path, blocks, *flags, *extra, wait=False)
+                   for blocks, extra in (("0:3", ()), ("3:6", ()), ("0:6", ("--max-adapter-mb", "1")))]
+        for server in servers:
+            server.wait_for_line("serving blocks")
         folders = {"alpha": make_adapter(path, root / "alpha", 1), "beta": make_adapter(path, root / "beta", 2, r=8),
                    "gamma": make_adapter(path, root / "gamma", 4)}
         key = root / "publisher.key"
@@ -244,6 +249,14 @@ def test_bad_input_gets_clear_errors_and_the_servers_keep_serving(published, tmp
             with pytest.raises(InvalidRequest, match=message):
                 run_sync(_store(remote.swarm_client.p2p, peer, request))
             assert not registry.holders(manifest.hash)  # nothing stored
+        # an oversized slice: the third server takes at most 1 MiB per adapter, this one is 1.5 MiB
+        big_manifest, big_tensors = read_peft_folder(make_adapter(path, tmp_path / "huge", 5, r=64, target_modules="all-linear"),
+                                                     prefix, "model.layers.", 1 << 30)
+        small_server = servers[2].wait_for_line("serving blocks").rsplit(" as ", 1)[1].strip()
+        request = pb.AdapterStoreRequest(slice=slice_message(big_manifest, big_tensors, 0, 6))
+        with pytest.raises(InvalidRequest, match="exceeds this server's limit of 1048576 bytes"):
+            run_sync(_store(remote.swarm_client.p2p, small_server, request))
+        assert not registry.holders(big_manifest.hash)
         # a request naming a hash nobody holds
         remote.load_adapter("swarm:alpha", adapter_name="a")
         remote.swarm_adapters["a"].held_hash = "0" * 64
