@@ -31,22 +31,24 @@ from swarm.adapter_records import MAX_NAME_RECORD_BYTES, check_name, open_name_r
 from swarm.errors import InvalidRecord, InvalidRequest, RemoteError
 from swarm.limits import RECORD_EXPIRATION, RECORD_REFRESH_PERIOD
 from swarm.records import RecordSigner
-from swarm.transport import P2P
+from swarm.transport import P2P, caller_of
 from swarm.wire import swarm_rpc_pb2 as pb
 from swarm.wire.frames import read_message, read_until_end, to_frames
 from swarm.wire.rpc import RPC_ADAPTER_FETCH, RPC_ADAPTER_STORE
 from swarm.server.adapter_store import AdapterStore, HeldAdapter, check_fits
 from swarm.server.adapters import ParsedAdapter
+from swarm.server.peer_limits import PeerGovernor
 from swarm.server.span_runner import SpanRunner
 
 logger = logging.getLogger(__name__)
 
 _REQUEST_BYTES = 1 << 16  # a fetch request is a hash and a span
+MAX_FETCH_ATTEMPTS = 4  # holders tried per piece: records that list a hash falsely cost at most this many timeouts
 
 
 class AdapterService:
     def __init__(self, *, store: AdapterStore, runner: Callable[[], SpanRunner], base: str, max_rank: int,
-                 dht: swarm_dht.DHT, signer: RecordSigner, peer_id: str, request_timeout: float):
+                 dht: swarm_dht.DHT, signer: RecordSigner, peer_id: str, request_timeout: float, governor: PeerGovernor):
         self.store = store
         self.runner = runner  # the current span runner (it changes when the server moves)
         self.base = base
@@ -55,6 +57,7 @@ class AdapterService:
         self.signer = signer
         self.peer_id = peer_id
         self.request_timeout = request_timeout
+        self.governor = governor  # fetches and stores count as requests in progress of their peer
         self.p2p: P2P | None = None
         self._fetching: dict[str, asyncio.Future[HeldAdapter]] = {}
         self._announced_version = -1
@@ -106,7 +109,7 @@ class AdapterService:
             raise InvalidRequest(f"no server holds adapter {digest[:12]} for blocks {start}:{end} "
                                  "(publish it, or start a server with --adapters)")
         manifest = None
-        for peer in holders:
+        for peer in list(holders)[:MAX_FETCH_ATTEMPTS]:
             try:
                 manifest = (await self._fetch_slice(peer, digest, 0, 0, None))[0]
                 break
@@ -123,7 +126,7 @@ class AdapterService:
                 break
             # the holders of this block, the one reaching furthest first
             candidates = sorted((p for p, r in holders.items() if r.start <= position < r.end), key=lambda p: -holders[p].end)
-            for peer in candidates:
+            for peer in candidates[:MAX_FETCH_ATTEMPTS]:
                 hop_end = min(end, holders[peer].end)
                 try:
                     tensors.update((await self._fetch_slice(peer, digest, position, hop_end, manifest))[1])
@@ -148,29 +151,34 @@ class AdapterService:
 
     async def rpc_fetch(self, frames: AsyncIterator[pb.Frame], context: Any) -> AsyncIterator[pb.Frame]:
         try:
-            request = await asyncio.wait_for(read_message(frames, pb.AdapterFetchRequest, _REQUEST_BYTES), self.request_timeout)
-            if request is None:
-                raise InvalidRequest("empty adapter fetch request")
-            held = self.store.get(check_hash(request.adapter_hash))
-            if held is None:
-                raise InvalidRequest(f"adapter {request.adapter_hash[:12]} is not held here")
-            start, end = request.span.start, request.span.end
-            if start < end and not (held.start <= start and end <= held.end):
-                raise InvalidRequest(f"adapter {request.adapter_hash[:12]} is held here for blocks {held.start}:{held.end} only")
-            response = pb.AdapterFetchResponse(slice=slice_message(held.manifest, held.tensors, start, end))
+            with self.governor.request(caller_of(context)):
+                response = await self._serve_fetch(frames)
         except Exception as e:  # noqa: BLE001 - every failure is this caller's reply
             response = pb.AdapterFetchResponse(error=_error(e))
         for frame in to_frames(response):
             yield frame
         await read_until_end(frames)
 
+    async def _serve_fetch(self, frames: AsyncIterator[pb.Frame]) -> pb.AdapterFetchResponse:
+        request = await asyncio.wait_for(read_message(frames, pb.AdapterFetchRequest, _REQUEST_BYTES), self.request_timeout)
+        if request is None:
+            raise InvalidRequest("empty adapter fetch request")
+        held = self.store.get(check_hash(request.adapter_hash))
+        if held is None:
+            raise InvalidRequest(f"adapter {request.adapter_hash[:12]} is not held here")
+        start, end = request.span.start, request.span.end
+        if start < end and not (held.start <= start and end <= held.end):
+            raise InvalidRequest(f"adapter {request.adapter_hash[:12]} is held here for blocks {held.start}:{held.end} only")
+        return pb.AdapterFetchResponse(slice=slice_message(held.manifest, held.tensors, start, end))
+
     async def rpc_store(self, frames: AsyncIterator[pb.Frame], context: Any) -> AsyncIterator[pb.Frame]:
         try:
             limit = self.store.max_adapter_bytes + MAX_NAME_RECORD_BYTES + (2 << 20)
-            request = await asyncio.wait_for(read_message(frames, pb.AdapterStoreRequest, limit), self.request_timeout)
-            if request is None:
-                raise InvalidRequest("empty adapter store request")
-            await self._store(request)
+            with self.governor.request(caller_of(context)):
+                request = await asyncio.wait_for(read_message(frames, pb.AdapterStoreRequest, limit), self.request_timeout)
+                if request is None:
+                    raise InvalidRequest("empty adapter store request")
+                await self._store(request)
             response = pb.AdapterStoreResponse()
         except Exception as e:  # noqa: BLE001
             response = pb.AdapterStoreResponse(error=_error(e))

@@ -107,6 +107,8 @@ class Server:
             self.announcer = Announcer(self.dht, signer, self.dht_prefix, self.record, self.model_record, lambda: 0)
             self.announcer.announce(ServerState.JOINING)
             self.runner = self._load_runner(start, end)
+            self.governor = PeerGovernor(PeerLimits(max_sessions_per_peer=cfg.max_sessions_per_peer,
+                                                    max_requests_per_peer=cfg.max_requests_per_peer))
             self.adapters = self._adapter_service(signer)
             asyncio.run(self._serve())
         finally:
@@ -117,7 +119,8 @@ class Server:
         cfg = self.config
         store = AdapterStore(cfg.adapter_store_mb << 20, cfg.max_adapter_mb << 20)
         service = AdapterService(store=store, runner=lambda: self.runner, base=self.dht_prefix, max_rank=cfg.max_lora_rank,
-                                 dht=self.dht, signer=signer, peer_id=self.peer_id, request_timeout=cfg.request_timeout)
+                                 dht=self.dht, signer=signer, peer_id=self.peer_id, request_timeout=cfg.request_timeout,
+                                 governor=self.governor)
         for directory in cfg.adapters:
             try:
                 service.load_folder(Path(directory), self.family.layer_key_prefix)
@@ -217,7 +220,7 @@ class Server:
             max_session_lifetime=cfg.max_session_lifetime,
             request_timeout=cfg.request_timeout,
         )
-        peer_limits = PeerLimits(max_sessions_per_peer=cfg.max_sessions_per_peer, max_requests_per_peer=cfg.max_requests_per_peer)
+        peer_limits = self.governor.limits
         info = pb.InfoResponse(
             version=__version__,
             dht_prefix=self.dht_prefix,
@@ -236,7 +239,7 @@ class Server:
         activations = ActivationStore(cfg.activation_store_mb << 20)
         handlers = SpanHandlers(
             runner=self.runner, worker=worker, budget=budget, limits=limits, info=info, activations=activations,
-            governor=PeerGovernor(peer_limits), adapters=self.adapters,
+            governor=self.governor, adapters=self.adapters,
         )
         p2p = await self.dht.replicate_p2p()
         await handlers.register(p2p)

@@ -244,7 +244,7 @@ class ServerRecord:
     torch_dtype: str = "float32"
     quant_type: str = "none"
     codecs: tuple[str, ...] = ("none",)
-    adapters: tuple[str, ...] = ()
+    adapters: tuple[str, ...] = ()  # hashes of the adapters it holds (swarm/adapter_manifest.py), most recently used first
     version: str = ""
     public_name: str = ""
     reachability: str = "direct"  # "direct" | "relay"

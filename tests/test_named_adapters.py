@@ -25,6 +25,7 @@ from swarm.adapter_files import read_peft_folder
 from swarm.adapter_manifest import build_manifest
 from swarm.adapter_transfer import slice_message
 from swarm.client.adapter_registry import AdapterRegistry, _store
+from swarm.client.adapters import HeldLora
 from swarm.client.event_loop import run_sync
 from swarm.client.local_processes import LocalSwarm
 from swarm.errors import ConfigError, InvalidRequest
@@ -70,14 +71,17 @@ def published(tiny_models, tmp_path_factory):
     try:
         swarm.start_dht()
         flags = ("--num-threads", "1", "--throughput", "100")
+        local = make_adapter(path, root / "local", 6)  # held by the third server from its start
         servers = [swarm.start_server(path, blocks, *flags, *extra, wait=False)
-                   for blocks, extra in (("0:3", ()), ("3:6", ()), ("0:6", ("--max-adapter-mb", "1")))]
+                   for blocks, extra in (("0:3", ()), ("3:6", ()), ("0:6", ("--max-adapter-mb", "1", "--adapters", str(local))))]
         for server in servers:
             server.wait_for_line("serving blocks")
         folders = {"alpha": make_adapter(path, root / "alpha", 1), "beta": make_adapter(path, root / "beta", 2, r=8),
-                   "gamma": make_adapter(path, root / "gamma", 4)}
+                   "gamma": make_adapter(path, root / "gamma", 4), "local": local}
         key = root / "publisher.key"
         for name, folder in folders.items():
+            if name == "local":
+                continue
             done = cli(swarm, path, "publish", str(folder), "--name", name, "--identity-path", str(key),
                        "--provenance", f"test data for {name}")
             assert done.returncode == 0, done.stderr
@@ -213,6 +217,21 @@ def test_server_joining_later_fetches_its_slice(published):
         with torch.no_grad():
             torch.testing.assert_close(remote(IDS).logits, local_peft(path, folders["beta"])(IDS).logits, atol=1e-4, rtol=1e-4)
         late.wait_for_line("fetched adapter", timeout=10)
+    finally:
+        remote.swarm_client.shutdown()
+
+
+def test_adapter_loaded_with_the_server_is_fetched_by_the_others(published):
+    path, swarm, servers, folders, _ = published
+    digest = read_peft_folder(folders["local"], model_dht_prefix(path), "model.layers.", 1 << 30)[0].hash
+    others = [server.wait_for_line("serving blocks").rsplit(" as ", 1)[1].strip() for server in servers[:2]]
+    remote = remote_model(path, swarm, allowed_servers=others)  # neither holds it: both fetch their blocks from the third
+    try:
+        remote._register_adapter("local", HeldLora("local", digest), trainable=False)
+        with torch.no_grad():
+            torch.testing.assert_close(remote(IDS).logits, local_peft(path, folders["local"])(IDS).logits, atol=1e-4, rtol=1e-4)
+        for server in servers[:2]:
+            server.wait_for_line(f"fetched adapter {digest[:12]}", timeout=10)
     finally:
         remote.swarm_client.shutdown()
 
