@@ -5,6 +5,8 @@ from __future__ import annotations
 import msgpack
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from swarm.adapter_manifest import AdapterManifest, build_manifest, verify_slice
 from swarm.adapter_records import AdapterName, best_name_record, open_name_record
@@ -97,3 +99,24 @@ def test_routing_prefers_the_holders_of_a_named_adapter():
     assert [hop.peer_id for hop in inference_route(blocks, 0, 2, "m")] == ["fast"]
     assert [hop.peer_id for hop in inference_route(blocks, 0, 2, "m", adapter=digest)] == ["holder"]
     assert all(forward_route(blocks, 0, 2, "m", adapter=digest)[0].peer_id == "holder" for _ in range(20))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=4096) | st.builds(msgpack.packb, st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats() | st.text(max_size=80) | st.binary(max_size=80),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=20), inner, max_size=5), max_leaves=30)))
+def test_fuzzed_manifests_and_name_records_never_crash_a_reader(payload):
+    """Whatever a peer sends, the readers raise only their own errors."""
+    try:
+        AdapterManifest.decode(payload)
+    except InvalidRequest:
+        pass
+    try:
+        value = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except Exception:  # noqa: BLE001 - not msgpack at all: nothing to hand the record reader
+        return
+    for candidate in (value, {"v": 2, "body": payload, "pk": payload[:300], "sig": payload[:256]}):
+        try:
+            open_name_record("llama-x", "bot", candidate)
+        except InvalidRecord:
+            pass
