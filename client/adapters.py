@@ -6,6 +6,9 @@ gradients. Which modules get LoRA is decided by peft itself (`check_target_modul
 the module names a local peft model would have; the files are peft's (adapter_config.json,
 adapter_model.safetensors with peft's tensor names), so an adapter trained here loads into a
 plain local peft model, and one trained with peft loads here.
+
+`HeldLora` is the other kind: an adapter the servers hold (published by name, see
+adapter_registry.py), of which the client keeps only the hash that its requests name.
 """
 
 from __future__ import annotations

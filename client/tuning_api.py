@@ -84,14 +84,14 @@ class SwarmTuningMixin:
             raise ConfigError(f"an adapter named {adapter_name!r} exists already")
         registry = AdapterRegistry(self.swarm_client)
         record, version = registry.resolve(spec)
+        # the manifest says which model it is for, and fetching it checks that some server holds it
+        manifest, tensors = registry.pull(version.hash) if is_trainable else (registry.manifest(version.hash), {})
+        if manifest.base != self.swarm_client.dht_prefix:
+            raise ConfigError(f"{spec} is an adapter for base model {manifest.base}, not {self.swarm_client.dht_prefix}")
         if not is_trainable:
-            manifest = registry.manifest(version.hash)  # checks that some server holds it, and for which model
-            if manifest.base != self.swarm_client.dht_prefix:
-                raise ConfigError(f"{spec} is an adapter for base model {manifest.base}, not {self.swarm_client.dht_prefix}")
             self._register_adapter(adapter_name, HeldLora(spec, version.hash), trainable=False)
             logger.info("using %s version %d (%s), held by the servers", record.name, version.version, version.hash[:12])
             return
-        manifest, tensors = registry.pull(version.hash)
         config = LoraConfig(r=manifest.rank, lora_alpha=manifest.alpha, lora_dropout=manifest.dropout,
                             use_rslora=manifest.rslora, target_modules=manifest.target_paths())
         lora = RemoteLora(config, self.config, family_of(self.config))
@@ -110,12 +110,12 @@ class SwarmTuningMixin:
         lora = self.swarm_adapters[adapter_name]
         if not isinstance(lora, RemoteLora):
             raise ConfigError(f"adapter {adapter_name!r} is already published ({lora.spec}); load it with is_trainable=True to fork it")
-        config = lora.peft_config
+        config, tensors = lora.peft_config, lora.wire_tensors()
         manifest = build_manifest(self.swarm_client.dht_prefix, lora.rank, config.lora_alpha, config.lora_dropout,
-                                  bool(config.use_rslora), lora.wire_tensors())
+                                  bool(config.use_rslora), tensors)
         signer = load_signer(identity_path or default_identity_path())
         publication = AdapterRegistry(self.swarm_client).publish(
-            manifest, lora.wire_tensors(), name, signer, parents=lora.parents, method=method, provenance=provenance)
+            manifest, tensors, name, signer, parents=lora.parents, method=method, provenance=provenance)
         return publication.version
 
     def _register_adapter(self, adapter_name: str, lora: RemoteLora | HeldLora, trainable: bool) -> None:
