@@ -82,12 +82,15 @@ class AdapterStore:
         self.max_adapter_bytes = max_adapter_bytes
         self._held: collections.OrderedDict[str, HeldAdapter] = collections.OrderedDict()
         self._names: collections.OrderedDict[str, AdapterName] = collections.OrderedDict()
+        # what hashes() returns, replaced whole on every change: the announcer reads it from another thread
+        self._recent: tuple[str, ...] = ()
         self.version = 0  # bumped on every change, so the announcer knows when to publish again
 
     def get(self, digest: str) -> HeldAdapter | None:
         held = self._held.get(digest)
         if held is not None:
             self._held.move_to_end(digest)
+            self._recent = tuple(reversed(self._held))[:MAX_ANNOUNCED]
         return held
 
     def check_size(self, nbytes: int) -> None:
@@ -106,6 +109,7 @@ class AdapterStore:
             evicted, _ = self._held.popitem(last=False)
             logger.info("evicted adapter %s (least recently used) to stay within the adapter budget", evicted[:12])
         self._held[digest] = held
+        self._recent = tuple(reversed(self._held))[:MAX_ANNOUNCED]
         self.version += 1
         logger.info("holding adapter %s for blocks %d:%d (%d bytes)", digest[:12], held.start, held.end, held.nbytes)
 
@@ -114,7 +118,7 @@ class AdapterStore:
 
     def hashes(self) -> tuple[str, ...]:
         """The held adapters to announce, most recently used first (at most MAX_ANNOUNCED)."""
-        return tuple(reversed(self._held))[:MAX_ANNOUNCED]
+        return self._recent
 
     def check_name(self, record: AdapterName) -> None:
         """InvalidRequest if this server carries the name under another publisher's key."""

@@ -1,8 +1,8 @@
 """A caller's adapter (LoRA weights, deep prompts) checked and applied to this server's blocks.
 
 A caller's own adapter arrives with each request (or once per inference session); one that the
-server holds (adapter_store.py) is named by hash and applied the same way, frozen. Either is
-checked against the blocks they name, and are applied only while that request computes, through
+server holds (adapter_store.py) is named by hash and applied the same way, frozen. Both are
+checked against the blocks they name and applied only while that request computes, through
 forward hooks (the compute worker runs one request at a time, so no request ever sees another's
 adapter). The LoRA update is peft's: base(x) + lora_B(lora_A(dropout(x))) * alpha / rank (or
 alpha / sqrt(rank) with rsLoRA), so gradients equal those of a local peft model.
