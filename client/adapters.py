@@ -6,6 +6,9 @@ gradients. Which modules get LoRA is decided by peft itself (`check_target_modul
 the module names a local peft model would have; the files are peft's (adapter_config.json,
 adapter_model.safetensors with peft's tensor names), so an adapter trained here loads into a
 plain local peft model, and one trained with peft loads here.
+
+`HeldLora` is the other kind: an adapter the servers hold (published by name, see
+adapter_registry.py), of which the client keeps only the hash that its requests name.
 """
 
 from __future__ import annotations
@@ -69,6 +72,17 @@ class RemoteLora(nn.Module):
         if not self.targets:
             raise ConfigError(f"target_modules {peft_config.target_modules!r} match no linear layer of the remote blocks")
         self.layer_key_prefix = family.layer_key_prefix
+        self.parents: tuple[str, ...] = ()  # hashes of the published adapters this one started from (lineage)
+
+    held_hash = ""  # not an adapter held by servers: its weights travel with each request
+
+    def wire_tensors(self) -> dict[str, torch.Tensor]:
+        """The matrices by wire name, float32 (what a manifest hashes and a publish places on servers)."""
+        return {name: tensor.detach().float().clone() for name, tensor in zip(self.names(), self.tensors())}
+
+    def load_wire_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        prefix = f"{PEFT_PREFIX}{self.layer_key_prefix}"
+        self.load_peft_state_dict({f"{prefix}{name}.weight": tensor for name, tensor in tensors.items()}, source)
 
     def names(self) -> list[str]:
         """Wire names, in the order of `tensors()`."""
@@ -169,12 +183,41 @@ def _key(block: int, path: str, kind: str) -> str:
     return f"{block}__{path.replace('.', '__')}__{kind}"
 
 
+class HeldLora(nn.Module):
+    """A LoRA held by the servers, named by its hash: requests carry the hash, never weights."""
+
+    def __init__(self, spec: str, digest: str):
+        super().__init__()
+        self.spec = spec  # as the user named it, e.g. "swarm:support-bot@2"
+        self.held_hash = digest
+
+    def names(self) -> list[str]:
+        return []
+
+    def tensors(self) -> list[nn.Parameter]:
+        return []
+
+    def fill(self, message: pb.Adapter, start: int, end: int) -> None:
+        message.adapter_hash = self.held_hash
+
+    def save(self, directory: Path) -> None:
+        raise ConfigError(f"adapter {self.spec} is served by the swarm and has no weights here: "
+                          f"`swarm-adapter pull` it, or load it with is_trainable=True")
+
+
 class RequestAdapter:
     """What the model's active tuning adds to requests: LoRA and/or deep prompts (blocks, length, hidden)."""
 
-    def __init__(self, lora: RemoteLora | None, deep_prompts: nn.Parameter | None):
+    def __init__(self, lora: RemoteLora | HeldLora | None, deep_prompts: nn.Parameter | None):
+        if isinstance(lora, HeldLora) and deep_prompts is not None:
+            raise ConfigError("an adapter held by the servers cannot be combined with deep prompt tuning")
         self.lora = lora
         self.deep_prompts = deep_prompts
+
+    @property
+    def held_hash(self) -> str:
+        """The hash of the adapter held by servers that requests name, or "" (routing prefers its holders)."""
+        return self.lora.held_hash if self.lora is not None else ""
 
     def tensors(self) -> list[torch.Tensor]:
         found: list[torch.Tensor] = list(self.lora.tensors()) if self.lora is not None else []

@@ -164,7 +164,8 @@ class InferenceSession:
 
         Each session accepts pushes from the hop before it: `pusher` (the server before `start`, if any) for the first.
         """
-        route = await self.client.inference_route(start, end, min_cache_tokens=self.batch_size * self.max_length)
+        held = self.adapter.held_hash if self.adapter is not None else ""
+        route = await self.client.inference_route(start, end, min_cache_tokens=self.batch_size * self.max_length, adapter=held)
         spans = [
             SpanSession(
                 self.client.p2p, planned.peer_id, planned.start, planned.end, self.max_length, self.batch_size, self.client.codecs,

@@ -37,6 +37,9 @@ class AdapterPayload(Protocol):
 
     def message(self, start: int, end: int) -> pb.Adapter: ...
 
+    @property
+    def held_hash(self) -> str: ...  # an adapter held by servers, named by hash ("" if none): routing prefers its holders
+
 
 @dataclasses.dataclass
 class TracedHop:
@@ -85,7 +88,7 @@ async def forward_async(
     async def attempt() -> None:
         # Resumes after the last hop that succeeded: a failure costs only the failed hop.
         nonlocal position, state
-        for hop in await client.forward_route(position, end, _tokens(state)):
+        for hop in await client.forward_route(position, end, _tokens(state), adapter=_held(adapter)):
             forward_id = random.getrandbits(63) + 1 if keep else 0
             request = _forward_request(client, hop, state, adapter, forward_id, seed, padding_mask)
             reply = await _call(client, hop, RPC_FORWARD, request, pb.ForwardResponse)
@@ -138,7 +141,7 @@ async def _backward_elsewhere(client: SwarmClient, traced: TracedHop, gradients:
     """Backward through `traced`'s blocks on other servers: forward again to get each new hop's inputs."""
 
     async def attempt() -> None:
-        route = await client.forward_route(traced.hop.start, traced.hop.end, _tokens(traced.inputs))
+        route = await client.forward_route(traced.hop.start, traced.hop.end, _tokens(traced.inputs), adapter=_held(adapter))
         inputs, state = [], traced.inputs
         for hop in route[:-1]:
             inputs.append(state)
@@ -200,6 +203,10 @@ async def _backward_hop(client: SwarmClient, hop: RouteHop, inputs: torch.Tensor
     gradients.lora.update(lora)
     if prompts is not None:
         gradients.deep_prompts[hop.start] = prompts
+
+
+def _held(adapter: AdapterPayload | None) -> str:
+    return adapter.held_hash if adapter is not None else ""
 
 
 def _tokens(hidden_states: torch.Tensor) -> int:

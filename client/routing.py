@@ -23,6 +23,9 @@ from swarm.records import ServerRecord, ServerState, block_ranges
 
 DEFAULT_RTT = 0.05  # seconds: assumed round trip to a server not pinged yet
 DEFAULT_STEP_TIME = 0.01  # seconds per block: assumed for a server that announces no throughput
+# Seconds added to a hop on a server that lacks the adapter a session names: it fetches the slice before the
+# first step (tens of ms on loopback for a small LoRA, more across the internet), so a holder wins unless it is much slower.
+ADAPTER_FETCH_PENALTY = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,19 +106,21 @@ def inference_route(
     servers: ServerFilter = ServerFilter(),
     rtt: Mapping[str, float] = {},
     push: bool = False,
+    adapter: str = "",
 ) -> list[RouteHop]:
-    """The route over [start, end) with the least expected time per decode step.
+    """The route over [start, end) with the least expected time per decode step; with `adapter` (a hash
+    of an adapter held by servers), a server that would have to fetch it first costs ADAPTER_FETCH_PENALTY more.
 
     Client-mediated (`push=False`): every hop costs the client's round trip to its server plus its
     compute. With `push`, hidden states go client -> first server -> ... -> last server -> client: one
     way to the first, the servers' announced round trips (`next_pings`) halved between hops, one way
     back from the last, plus compute.
     """
-    # For each block, the usable servers there as (peer, hop end, round trip, seconds per block).
+    # For each block, the usable servers there as (peer, hop end, round trip, seconds per block, adapter fetch cost).
     # Each record object is checked once (swarm.dht shares one object along a server's span; all
     # stay alive during this call, so their ids are stable); the loops stay lean for 1000 servers.
-    options: list[list[tuple[str, int, float, float]]] = []
-    checked: dict[int, tuple[str, int, float, float] | None] = {}
+    options: list[list[tuple[str, int, float, float, float]]] = []
+    checked: dict[int, tuple[str, int, float, float, float] | None] = {}
     pings: dict[str, Mapping[str, float]] = {}  # peer -> its round trips to the servers after it
     uncovered = []
     for index in range(start, end):
@@ -124,7 +129,8 @@ def inference_route(
             key = id(record)
             if key not in checked:
                 usable = servers.usable(peer, record)
-                checked[key] = (peer, min(record.end, end), rtt.get(peer, DEFAULT_RTT), step_time_per_block(record)) if usable else None
+                fetch = ADAPTER_FETCH_PENALTY if adapter and adapter not in record.adapters else 0.0
+                checked[key] = (peer, min(record.end, end), rtt.get(peer, DEFAULT_RTT), step_time_per_block(record), fetch) if usable else None
                 if usable and push:
                     pings[peer] = dict(record.next_pings)
             if checked[key] is not None:
@@ -143,8 +149,8 @@ def inference_route(
         base = best.get(boundary)
         if base is None:
             continue
-        for peer, hop_end, round_trip, per_block in options[boundary - start]:
-            cost = base + round_trip + (hop_end - boundary) * per_block
+        for peer, hop_end, round_trip, per_block, fetch in options[boundary - start]:
+            cost = base + round_trip + (hop_end - boundary) * per_block + fetch
             if cost < best.get(hop_end, math.inf):
                 best[hop_end] = cost
                 via[hop_end] = (boundary, peer)
@@ -158,7 +164,7 @@ def inference_route(
 
 
 def _push_route(
-    options: list[list[tuple[str, int, float, float]]], start: int, end: int, rtt: Mapping[str, float],
+    options: list[list[tuple[str, int, float, float, float]]], start: int, end: int, rtt: Mapping[str, float],
     pings: Mapping[str, Mapping[str, float]],
 ) -> list[RouteHop]:
     """Least client->first + server->server legs + last->client + compute, by dynamic programming over
@@ -170,9 +176,9 @@ def _push_route(
     for boundary in range(start, end):
         for previous in ending.get(boundary, ()):
             base = best[(boundary, previous)]
-            for peer, hop_end, round_trip, per_block in options[boundary - start]:
+            for peer, hop_end, round_trip, per_block, fetch in options[boundary - start]:
                 leg = round_trip if previous is None else pings[previous].get(peer, DEFAULT_RTT)
-                cost = base + leg / 2 + (hop_end - boundary) * per_block
+                cost = base + leg / 2 + (hop_end - boundary) * per_block + fetch
                 node = (hop_end, peer)
                 if node not in best:
                     ending.setdefault(hop_end, []).append(peer)
@@ -198,14 +204,18 @@ def forward_route(
     servers: ServerFilter = ServerFilter(),
     in_flight: Mapping[str, int] = {},
     rng: random.Random | None = None,
+    adapter: str = "",
 ) -> list[RouteHop]:
-    """A route over [start, end) drawn by throughput and this client's current load on each server."""
+    """A route over [start, end) drawn by throughput and this client's current load on each server; with
+    `adapter` (a hash of an adapter held by servers), among the servers that hold it wherever some do."""
     _check_coverage(blocks, start, end, servers, model)
     rng = rng or random.Random()
     route: list[RouteHop] = []
     position = start
     while position < end:
         candidates = [(peer, record) for peer, record in blocks[position].items() if servers.usable(peer, record)]
+        holders = [(peer, record) for peer, record in candidates if adapter and adapter in record.adapters]
+        candidates = holders or candidates
         weights = [
             max(record.throughput, 1e-3) * (record.end - position) / (1 + in_flight.get(peer, 0))
             for peer, record in candidates

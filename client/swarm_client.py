@@ -88,19 +88,20 @@ class SwarmClient:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, swarm_dht.fetch_block_records, self.dht, self.dht_prefix, self.num_blocks)
 
-    async def inference_route(self, start: int, end: int, min_cache_tokens: int) -> list[RouteHop]:
-        """The fastest chain over [start, end) for decoding, waiting up to `route_wait` s for missing blocks."""
+    async def inference_route(self, start: int, end: int, min_cache_tokens: int, adapter: str = "") -> list[RouteHop]:
+        """The fastest chain over [start, end) for decoding, waiting up to `route_wait` s for missing blocks
+        (`adapter`: the hash of a held adapter the session names; its holders are preferred)."""
 
         async def plan(blocks: list[dict[str, ServerRecord]]) -> list[RouteHop]:
             servers = self.server_filter(min_cache_tokens)
             candidates = {peer for records in blocks[start:end] for peer, record in records.items() if servers.usable(peer, record)}
             await self.measure_rtt(candidates)
-            return inference_route(blocks, start, end, self.dht_prefix, servers, self.rtt(), push=self.push)
+            return inference_route(blocks, start, end, self.dht_prefix, servers, self.rtt(), push=self.push, adapter=adapter)
 
         return await self._route_when_covered(plan, "inference")
 
     async def forward_route(
-        self, start: int, end: int, tokens: int, exclude: frozenset[str] = frozenset(), wait: bool = True
+        self, start: int, end: int, tokens: int, exclude: frozenset[str] = frozenset(), wait: bool = True, adapter: str = ""
     ) -> list[RouteHop]:
         """A route for a stateless call of `tokens` (batch x sequence) over [start, end), on servers that
         take that many, avoiding `exclude` too. Without `wait`, missing blocks raise MissingBlocksError
@@ -108,7 +109,7 @@ class SwarmClient:
 
         async def plan(blocks: list[dict[str, ServerRecord]]) -> list[RouteHop]:
             servers = self.server_filter(exclude=exclude, min_request_tokens=tokens)
-            return forward_route(blocks, start, end, self.dht_prefix, servers, self.in_flight)
+            return forward_route(blocks, start, end, self.dht_prefix, servers, self.in_flight, adapter=adapter)
 
         if not wait:
             return await plan(await self.fetch_blocks())

@@ -8,6 +8,7 @@ tuning (`tuning_mode="ptune"` or `"deep_ptune"` at from_pretrained) adds trainab
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -17,7 +18,12 @@ from torch import nn
 
 from swarm.errors import ConfigError
 from swarm.families import family_of
-from swarm.client.adapters import RemoteLora, RequestAdapter
+from swarm.adapter_manifest import build_manifest
+from swarm.adapter_records import AdapterVersion
+from swarm.client.adapter_registry import SPEC_PREFIX, AdapterRegistry, default_identity_path, load_signer
+from swarm.client.adapters import HeldLora, RemoteLora, RequestAdapter
+
+logger = logging.getLogger(__name__)
 
 TUNING_MODES = ("ptune", "deep_ptune")
 
@@ -59,7 +65,12 @@ class SwarmTuningMixin:
         self._register_adapter(adapter_name, lora, trainable=True)
 
     def load_adapter(self, peft_model_id: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False) -> None:
-        """A peft adapter from a local directory (adapter_config.json, adapter_model.safetensors)."""
+        """A peft adapter from a local directory (adapter_config.json, adapter_model.safetensors), or one
+        published in the swarm, "swarm:NAME[@VERSION]": served by the servers that hold it (no weights
+        here), or with `is_trainable` pulled here to train on (its hash becomes the new adapter's parent)."""
+        if str(peft_model_id).startswith(SPEC_PREFIX):
+            self._load_from_swarm(str(peft_model_id), adapter_name, is_trainable)
+            return
         directory = Path(peft_model_id)
         if not directory.is_dir():
             raise ConfigError(f"adapter directory {directory} does not exist")
@@ -68,7 +79,46 @@ class SwarmTuningMixin:
         lora = RemoteLora.load(directory, self.config, family_of(self.config))
         self._register_adapter(adapter_name, lora, trainable=is_trainable)
 
-    def _register_adapter(self, adapter_name: str, lora: RemoteLora, trainable: bool) -> None:
+    def _load_from_swarm(self, spec: str, adapter_name: str, is_trainable: bool) -> None:
+        if adapter_name in self.swarm_adapters:
+            raise ConfigError(f"an adapter named {adapter_name!r} exists already")
+        registry = AdapterRegistry(self.swarm_client)
+        record, version = registry.resolve(spec)
+        # the manifest says which model it is for, and fetching it checks that some server holds it
+        manifest, tensors = registry.pull(version.hash) if is_trainable else (registry.manifest(version.hash), {})
+        if manifest.base != self.swarm_client.dht_prefix:
+            raise ConfigError(f"{spec} is an adapter for base model {manifest.base}, not {self.swarm_client.dht_prefix}")
+        if not is_trainable:
+            self._register_adapter(adapter_name, HeldLora(spec, version.hash), trainable=False)
+            logger.info("using %s version %d (%s), held by the servers", record.name, version.version, version.hash[:12])
+            return
+        config = LoraConfig(r=manifest.rank, lora_alpha=manifest.alpha, lora_dropout=manifest.dropout,
+                            use_rslora=manifest.rslora, target_modules=manifest.target_paths())
+        lora = RemoteLora(config, self.config, family_of(self.config))
+        lora.load_wire_tensors(tensors, spec)
+        lora.parents = (version.hash,)
+        self._register_adapter(adapter_name, lora, trainable=True)
+
+    def publish_adapter(self, name: str, adapter_name: str | None = None, *, provenance: str = "", method: str = "trained",
+                        identity_path: str | os.PathLike | None = None) -> AdapterVersion:
+        """Publish an adapter trained here (default: the active one) as the next version of `name`:
+        its block slices go to the servers of those blocks, and the name record is signed with the
+        publisher key at `identity_path` (default: in the Swarm cache; created if missing)."""
+        adapter_name = adapter_name or self._active_adapter
+        if adapter_name is None or adapter_name not in self.swarm_adapters:
+            raise ConfigError(f"no adapter named {adapter_name!r} to publish (known: {', '.join(self.swarm_adapters) or 'none'})")
+        lora = self.swarm_adapters[adapter_name]
+        if not isinstance(lora, RemoteLora):
+            raise ConfigError(f"adapter {adapter_name!r} is already published ({lora.spec}); load it with is_trainable=True to fork it")
+        config, tensors = lora.peft_config, lora.wire_tensors()
+        manifest = build_manifest(self.swarm_client.dht_prefix, lora.rank, config.lora_alpha, config.lora_dropout,
+                                  bool(config.use_rslora), tensors)
+        signer = load_signer(identity_path or default_identity_path())
+        publication = AdapterRegistry(self.swarm_client).publish(
+            manifest, tensors, name, signer, parents=lora.parents, method=method, provenance=provenance)
+        return publication.version
+
+    def _register_adapter(self, adapter_name: str, lora: RemoteLora | HeldLora, trainable: bool) -> None:
         if not self.swarm_adapters:
             self.requires_grad_(False)  # as with peft: the base stays frozen, only adapters train
         lora.requires_grad_(trainable)

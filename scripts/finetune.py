@@ -13,6 +13,7 @@ adapter in peft's format.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from tqdm import tqdm  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from swarm import AutoDistributedModelForCausalLM  # noqa: E402
+from swarm.adapter_files import PROVENANCE_FILE  # noqa: E402
 from swarm.cli.logs import configure_logging  # noqa: E402
 from swarm.client.local_processes import LocalSwarm  # noqa: E402
 from swarm.model_source import DEFAULT_MODEL, resolve_model  # noqa: E402
@@ -117,6 +119,10 @@ def main() -> None:
         after = {question: answer(model, tokenizer, question) for question in examples}
         after_score = score(model, tokenizer, held_out)
         model.save_pretrained(args.output)
+        digest = hashlib.sha256(DATA.read_bytes()).hexdigest()
+        (args.output / PROVENANCE_FILE).write_text(
+            f"scripts/finetune.py on {DATA.name} (sha256 {digest}), {len(train)} training rows; "
+            f"{args.steps} steps of {args.batch}, AdamW lr {args.lr}, LoRA rank {args.rank}\n")
         model.swarm_client.shutdown()
     finally:
         swarm.stop()
@@ -125,7 +131,7 @@ def main() -> None:
         print(f"\nQ: {question}\n  before: {before[question]!r}\n  after:  {after[question]!r}")
     print(f"\nheld-out {HELD_OUT} questions: exact format {before_score[0]:.0%} -> {after_score[0]:.0%}, "
           f"right value {before_score[1]:.0%} -> {after_score[1]:.0%}")
-    print(f"adapter saved to {args.output} (loads with peft.PeftModel.from_pretrained)")
+    print(f"adapter saved to {args.output} (loads with peft.PeftModel.from_pretrained; `swarm-adapter publish {args.output} --name NAME` shares it)")
 
 
 if __name__ == "__main__":

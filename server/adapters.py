@@ -1,7 +1,8 @@
 """A caller's adapter (LoRA weights, deep prompts) checked and applied to this server's blocks.
 
-Adapters belong to clients: they arrive with each request (or once per inference session), are
-checked against the blocks they name, and are applied only while that request computes, through
+A caller's own adapter arrives with each request (or once per inference session); one that the
+server holds (adapter_store.py) is named by hash and applied the same way, frozen. Both are
+checked against the blocks they name and applied only while that request computes, through
 forward hooks (the compute worker runs one request at a time, so no request ever sees another's
 adapter). The LoRA update is peft's: base(x) + lora_B(lora_A(dropout(x))) * alpha / rank (or
 alpha / sqrt(rank) with rsLoRA), so gradients equal those of a local peft model.
@@ -34,6 +35,7 @@ class ParsedAdapter:
     lora: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # A: (rank, in), B: (out, rank)
     lora_names: dict[tuple[int, str, str], str]  # (block, path, "lora_A"/"lora_B") -> wire name
     deep_prompts: torch.Tensor | None
+    frozen: bool = False  # an adapter held by the server (adapter_store.py): applied, never trained
 
     def nbytes(self) -> int:
         return sum(tensor.numel() * tensor.element_size() for tensor in self.tensors())
@@ -43,6 +45,8 @@ class ParsedAdapter:
         return found + ([self.deep_prompts] if self.deep_prompts is not None else [])
 
     def requires_grad_(self) -> ParsedAdapter:
+        if self.frozen:
+            return self
         for tensor in self.tensors():
             tensor.requires_grad_(True)
         return self
@@ -64,7 +68,7 @@ def parse_adapter(message: pb.Adapter, runner: SpanRunner, start: int, end: int,
         block, path, kind = _split_name(named.name)
         if not start <= block < end:
             raise InvalidRequest(f"adapter tensor {named.name!r} is for block {block}, outside the requested blocks {start}:{end}")
-        linear = _linear_at(runner, block, path, named.name)
+        linear = linear_at(runner, block, path, named.name)
         if (block, path, kind) in names:
             raise InvalidRequest(f"adapter tensor {named.name!r} appears twice")
         expected = (rank, linear.in_features) if kind == "lora_A" else (linear.out_features, rank)
@@ -102,7 +106,7 @@ def _split_name(name: str) -> tuple[int, str, str]:
     return int(block), path, kind
 
 
-def _linear_at(runner: SpanRunner, block: int, path: str, name: str) -> nn.Module:
+def linear_at(runner: SpanRunner, block: int, path: str, name: str) -> nn.Module:
     layer = runner.layers[block - runner.start]
     try:
         module = layer.get_submodule(path)

@@ -26,6 +26,7 @@ class Announcer:
         model: ModelRecord,
         cache_tokens_left: Callable[[], int],
         refresh_period: float = RECORD_REFRESH_PERIOD,
+        adapters: Callable[[], tuple[str, ...]] = tuple,
     ):
         self.dht = dht
         self.signer = signer
@@ -34,10 +35,12 @@ class Announcer:
         self.model = model
         self.cache_tokens_left = cache_tokens_left
         self.refresh_period = refresh_period
+        self.adapters = adapters  # hashes of the adapters this server holds (adapter_store.py)
 
     def announce(self, state: ServerState) -> None:
         """Publish the record with `state` now (blocking: a DHT round trip)."""
-        self.record = dataclasses.replace(self.record, state=state, cache_tokens_left=self.cache_tokens_left())
+        self.record = dataclasses.replace(self.record, state=state, cache_tokens_left=self.cache_tokens_left(),
+                                          adapters=self.adapters())
         # Offline records expire like online ones: the DHT keeps whichever expires later, so a shorter
         # expiration would lose to the online record it must replace.
         declare_span(self.dht, self.signer, self.dht_prefix, self.record, self.model, RECORD_EXPIRATION)

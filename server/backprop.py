@@ -84,13 +84,14 @@ def forward_for_backward(
 
 def backward(kept: KeptForward, grad_outputs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
     """Gradients of the inputs, of each LoRA tensor (by wire name) and of the deep prompts."""
-    tensors = [kept.inputs, *(kept.adapter.tensors() if kept.adapter else [])]
+    trained = kept.adapter is not None and not kept.adapter.frozen
+    tensors = [kept.inputs, *(kept.adapter.tensors() if trained else [])]
     grads = torch.autograd.grad(kept.output, tensors, grad_outputs.to(kept.output.dtype), allow_unused=True)
     grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
     grad_inputs, adapter_grads = grads[0], iter(grads[1:])
     lora_grads: dict[str, torch.Tensor] = {}
     prompt_grads = None
-    if kept.adapter is not None:
+    if trained:
         for block, path in kept.adapter.lora:
             for kind in ("lora_A", "lora_B"):
                 lora_grads[kept.adapter.lora_names[(block, path, kind)]] = next(adapter_grads)

@@ -74,6 +74,9 @@ class ServerConfig:
     )
     activation_store_mb: int = _field(1024, "memory for forwards kept for their backward (training); beyond it, backward recomputes")
     public_name: str = _field("", "a name to show as this server's contributor (e.g. on the health page)")
+    adapters: list[str] = _field([], "local peft LoRA folders (safetensors) to hold for this server's blocks and serve by hash", metavar="DIR")
+    adapter_store_mb: int = _field(512, "memory for adapters held for requests that name them (least recently used out first)")
+    max_adapter_mb: int = _field(64, "largest slice of one adapter this server holds or accepts, in MiB")
 
     def __post_init__(self) -> None:
         if self.new_swarm and self.initial_peers:
@@ -82,7 +85,7 @@ class ServerConfig:
             raise ConfigError("pass --initial-peers MADDR... to join a swarm, or --new-swarm to start one")
         for name in ("attn_cache_tokens", "max_batch_size", "max_tokens_per_request", "max_session_length", "max_lora_rank",
                      "max_sessions_per_peer", "max_requests_per_peer", "max_session_lifetime", "request_timeout",
-                     "max_merged_steps"):
+                     "max_merged_steps", "adapter_store_mb", "max_adapter_mb"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
         if self.blocks is not None and self.num_blocks is not None:

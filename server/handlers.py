@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import time
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import torch
@@ -23,6 +23,7 @@ from swarm.transport import P2P, call_unary
 from swarm.wire.rpc import RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, RPC_INFO, RPC_PUSH
 from swarm.wire.frames import MessageT, read_message, read_until_end, to_frames
 from swarm.wire.codecs import check_codec, decode, decode_mask, encode
+from swarm.server.adapter_service import AdapterService
 from swarm.server.adapters import MAX_PROMPT_LENGTH, ParsedAdapter, applied, parse_adapter
 from swarm.server.backprop import ActivationStore, backward, forward_for_backward
 from swarm.server.cache_budget import CacheBudget
@@ -67,6 +68,7 @@ class SpanHandlers:
         info: pb.InfoResponse,
         activations: ActivationStore,
         governor: PeerGovernor,
+        adapters: AdapterService | None = None,
         idle_timeout: float = SESSION_IDLE_TIMEOUT,
     ):
         self.runner = runner
@@ -76,6 +78,7 @@ class SpanHandlers:
         self.info = info
         self.activations = activations
         self.governor = governor
+        self.adapters = adapters  # adapters held by this server, for requests that name one by hash
         self.idle_timeout = idle_timeout
         self.hidden_size = runner.config.hidden_size
         self._hidden_bytes = limits.max_tokens_per_request * self.hidden_size * WIDEST_WIRE_BYTES
@@ -123,7 +126,7 @@ class SpanHandlers:
         start, end = self._check_span(request.span, runner)
         response_codec = check_codec(request.response_codec)
         hidden = await self._check_hidden(request.hidden_states)
-        adapter = parse_adapter(request.adapter, runner, start, end, self.limits.max_lora_rank)
+        adapter = await self._adapter(request.adapter, runner, start, end)
         mask = decode_mask(request.attention_mask, hidden.shape[0], hidden.shape[1])
         peer, cost = _caller(context), _cost(hidden, start, end)
         if request.forward_id:
@@ -165,7 +168,7 @@ class SpanHandlers:
         kept = self.activations.pop((peer, request.forward_id)) if request.forward_id else None
         logger.debug("backward for blocks %d:%d: %s", start, end, "kept forward" if kept is not None else "recompute")
         if kept is None or kept.inputs.shape != hidden.shape:
-            adapter = parse_adapter(request.adapter, runner, start, end, self.limits.max_lora_rank)
+            adapter = await self._adapter(request.adapter, runner, start, end)
             mask = decode_mask(request.attention_mask, hidden.shape[0], hidden.shape[1])
             compute = functools.partial(forward_for_backward, runner, hidden, start, end, adapter, request.dropout_seed, mask)
             kept = await self.worker.submit(TaskKind.FORWARD, peer, cost, compute)
@@ -206,9 +209,10 @@ class SpanHandlers:
             raise InvalidRequest(f"batch size {opening.batch_size} is outside 1..{self.limits.max_batch_size}")
         if not 0 < opening.max_length <= self.limits.max_session_length:
             raise InvalidRequest(f"max_length {opening.max_length} is outside 1..{self.limits.max_session_length}")
-        adapter = parse_adapter(opening.adapter, runner, start, end, self.limits.max_lora_rank)
+        adapter = await self._adapter(opening.adapter, runner, start, end)
         tokens = opening.batch_size * opening.max_length
-        nbytes = tokens * runner.kv_bytes_per_token(start, end) + (adapter.nbytes() if adapter is not None else 0)
+        own_adapter = adapter is not None and not adapter.frozen  # a held adapter is in the adapter store's budget
+        nbytes = tokens * runner.kv_bytes_per_token(start, end) + (adapter.nbytes() if own_adapter else 0)
         what = f"a session of {tokens} tokens" + (" and its adapter" if adapter is not None else "")
         async with self.budget.reserve(nbytes, CACHE_WAIT_TIMEOUT, what):
             with self.sessions.opened(
@@ -366,6 +370,16 @@ class SpanHandlers:
         if request is None:
             raise InvalidRequest(if_empty)
         return request
+
+    async def _adapter(self, message: pb.Adapter, runner: SpanRunner, start: int, end: int) -> ParsedAdapter | None:
+        """The request's adapter: one held here named by hash (fetched from peers if missing), or the caller's own."""
+        if not message.adapter_hash:
+            return parse_adapter(message, runner, start, end, self.limits.max_lora_rank)
+        if message.lora or message.HasField("deep_prompts"):
+            raise InvalidRequest("an adapter named by hash cannot be combined with LoRA tensors or deep prompts")
+        if self.adapters is None:
+            raise InvalidRequest("this server holds no adapters")
+        return await self.adapters.resolve(message.adapter_hash, start, end)
 
     def _adapter_bytes(self) -> int:
         """The most an adapter for this server's blocks can take on the wire: LoRA of the largest

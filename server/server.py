@@ -9,25 +9,30 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import random
 import signal
+
+from pathlib import Path
 
 import psutil
 import torch
 
 from swarm import dht as swarm_dht
-from swarm.errors import ConfigError
-from swarm.families import ModelFamily, family_of, load_config
+from swarm.errors import ConfigError, InvalidRequest
+from swarm.families import family_of, load_config
 from swarm.fetch.fetcher import fetch_model
 from swarm.manifest import load_manifest
 from swarm.model_id import is_model_id, model_dht_prefix, validate_dht_prefix
 from swarm.model_source import cache_root, resolve_model
 from swarm.reachability import check_reachability
-from swarm.records import ModelRecord, ServerRecord, ServerState, shares_of
+from swarm.records import ModelRecord, RecordSigner, ServerRecord, ServerState, shares_of
 from swarm.version import __version__
 from swarm.wire import swarm_rpc_pb2 as pb
 from swarm.wire.codecs import CODECS
+from swarm.server.adapter_service import AdapterService
+from swarm.server.adapter_store import AdapterStore
 from swarm.server.announcer import Announcer
 from swarm.server.backprop import ActivationStore
 from swarm.server.block_loader import load_span_layers
@@ -109,9 +114,27 @@ class Server:
             self.announcer = Announcer(self.dht, signer, self.dht_prefix, self.record, self.model_record, lambda: 0)
             self.announcer.announce(ServerState.JOINING)
             self.runner = self._load_runner(start, end)
+            self.governor = PeerGovernor(PeerLimits(max_sessions_per_peer=cfg.max_sessions_per_peer,
+                                                    max_requests_per_peer=cfg.max_requests_per_peer))
+            self.adapters = self._adapter_service(signer)
             asyncio.run(self._serve())
         finally:
             self.dht.shutdown()
+
+    def _adapter_service(self, signer: RecordSigner) -> AdapterService:
+        """The adapters this server holds: the --adapters folders now, more as they are published or asked for."""
+        cfg = self.config
+        store = AdapterStore(cfg.adapter_store_mb << 20, cfg.max_adapter_mb << 20)
+        service = AdapterService(store=store, runner=lambda: self.runner, base=self.dht_prefix, max_rank=cfg.max_lora_rank,
+                                 dht=self.dht, signer=signer, peer_id=self.peer_id, request_timeout=cfg.request_timeout,
+                                 governor=self.governor)
+        for directory in cfg.adapters:
+            try:
+                service.load_folder(Path(directory), self.family.layer_key_prefix)
+            except InvalidRequest as e:  # e.g. another base model, a rank over --max-lora-rank
+                raise ConfigError(f"--adapters {directory}: {e}") from None
+        self.announcer.adapters = store.hashes
+        return service
 
     def _relays(self) -> list[str]:
         """The relays to serve through (the initial peers) if peers cannot dial this server directly, else none."""
@@ -206,7 +229,7 @@ class Server:
             max_session_lifetime=cfg.max_session_lifetime,
             request_timeout=cfg.request_timeout,
         )
-        peer_limits = PeerLimits(max_sessions_per_peer=cfg.max_sessions_per_peer, max_requests_per_peer=cfg.max_requests_per_peer)
+        peer_limits = self.governor.limits
         info = pb.InfoResponse(
             version=__version__,
             dht_prefix=self.dht_prefix,
@@ -225,7 +248,7 @@ class Server:
         activations = ActivationStore(cfg.activation_store_mb << 20)
         handlers = SpanHandlers(
             runner=self.runner, worker=worker, budget=budget, limits=limits, info=info, activations=activations,
-            governor=PeerGovernor(peer_limits),
+            governor=self.governor, adapters=self.adapters,
         )
         self.sharing = FetchService(checkpoint=self.checkpoint, manifest=load_manifest(self.checkpoint, cache_root()),
                                     governor=handlers.governor, request_timeout=cfg.request_timeout)
@@ -233,6 +256,7 @@ class Server:
         p2p = await self.dht.replicate_p2p()
         await handlers.register(p2p)
         await self.sharing.register(p2p)
+        await self.adapters.register(p2p)
         self.announcer.cache_tokens_left = handlers.cache_tokens_left
         await loop.run_in_executor(None, self.announcer.announce, ServerState.ONLINE)
         if cfg.new_swarm:
@@ -240,6 +264,9 @@ class Server:
             print(f"Started a new swarm. To join it, pass: --initial-peers {maddrs}", flush=True)
         logger.info("serving blocks %d:%d of %s as %s", self.record.start, self.record.end, self.dht_prefix, self.peer_id)
         tasks = [asyncio.create_task(self.announcer.run(stop, p2p, self.peer_id))]
+        announce_now = functools.partial(loop.run_in_executor, None, self.announcer.announce, ServerState.ONLINE)
+        await self.adapters.announce()
+        tasks.append(asyncio.create_task(self.adapters.run(stop, announce_now)))
         if cfg.num_blocks is not None:
             tasks.append(asyncio.create_task(self._rebalance(stop, handlers)))
         try:

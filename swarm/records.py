@@ -195,14 +195,15 @@ class RecordSigner:
         return {"v": RECORD_VERSION, "body": body, "pk": self.public_key, "sig": signature}
 
 
-def open_envelope(key: str, peer_id: str, subkey: bytes, expiration: float, value: Any) -> dict[str, Any]:
+def open_envelope(key: str, peer_id: str, subkey: bytes, expiration: float, value: Any,
+                  max_body_bytes: int = MAX_BODY_BYTES) -> dict[str, Any]:
     """The fields that `peer_id`'s identity signed for (key, subkey, expiration); else InvalidRecord.
 
     `value` is whatever the DHT returned, of any type: it is only read after every check on its shape.
     """
     if not isinstance(value, dict):
         raise InvalidRecord(f"value is a {type(value).__name__}, not a signed envelope")
-    body = _bytes_part(value, "body", MAX_BODY_BYTES)
+    body = _bytes_part(value, "body", max_body_bytes)
     public_key = _bytes_part(value, "pk", MAX_PUBLIC_KEY_BYTES)
     signature = _bytes_part(value, "sig", MAX_SIGNATURE_BYTES)
     if isinstance(expiration, bool) or not isinstance(expiration, (int, float)) or not math.isfinite(expiration):
@@ -220,6 +221,13 @@ def open_envelope(key: str, peer_id: str, subkey: bytes, expiration: float, valu
     except InvalidSignature:
         raise InvalidRecord("bad signature") from None
     return _decode_body(body)
+
+
+def envelope_signer(value: Any) -> str:
+    """The peer id of the key an envelope claims to be signed with (to be checked by open_envelope)."""
+    if not isinstance(value, dict):
+        raise InvalidRecord(f"value is a {type(value).__name__}, not a signed envelope")
+    return peer_id_of_public_key(_bytes_part(value, "pk", MAX_PUBLIC_KEY_BYTES))
 
 
 def _bytes_part(envelope: dict[Any, Any], name: str, limit: int) -> bytes:
@@ -263,7 +271,7 @@ class ServerRecord:
     torch_dtype: str = "float32"
     quant_type: str = "none"
     codecs: tuple[str, ...] = ("none",)
-    adapters: tuple[str, ...] = ()
+    adapters: tuple[str, ...] = ()  # hashes of the adapters it holds (swarm/adapter_manifest.py), most recently used first
     version: str = ""
     public_name: str = ""
     reachability: str = "direct"  # "direct" | "relay"

@@ -28,7 +28,7 @@ from swarm.client.swarm_client import SwarmClient
 from swarm.client.wire_codecs import WireCodecs
 from swarm.dht import fetch_block_records
 from swarm.errors import CacheFull, InvalidRequest, MissingBlocksError, RemoteError, SwarmError
-from swarm.limits import CACHE_WAIT_TIMEOUT, MAX_FRAME_BYTES, MAX_MESSAGE_BYTES
+from swarm.limits import CACHE_WAIT_TIMEOUT, MAX_FRAME_BYTES
 from swarm.model_id import model_dht_prefix
 from swarm.transport import call_unary, open_stream, raise_for_error
 from swarm.wire import swarm_rpc_pb2 as pb

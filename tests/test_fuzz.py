@@ -15,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from swarm.errors import InvalidRequest, RemoteError, SwarmError
+from swarm.errors import InvalidRequest, RemoteError
 from swarm.wire import swarm_rpc_pb2 as pb
 from swarm.wire.codecs import CODECS, decode, encode
 from swarm.wire.frames import parse_message

@@ -12,6 +12,12 @@
         "client_part_peers": [str, ...],   # online servers that share the client part (embeddings, norm, head)
         "invalid_count": int,              # records dropped in this model's keys (failed checks or unsigned)
         "invalid_records": {peer_id: reason},  # some of them (at most 32): the peer id each names, and why
+        "adapters": [{                     # adapters published by name for this model (swarm/adapter_records.py)
+          "name": str, "publisher": str,   # peer id of the key that signs the name
+          "versions": [{"version": int, "hash": str, "parents": [str], "method": str, "provenance": str, "created": float,
+                        "holders": [peer_id],          # online servers whose records list the hash
+                        "coverage": [int, ...]}, ...]  # holders per block (0 where no holder serves the block)
+        }, ...],
         "servers": [{
           "peer_id": str, "public_name": str, "version": str, "state": "joining"|"online"|"offline",
           "start": int, "end": int, "throughput": float, "inference_rps": float,
@@ -34,6 +40,8 @@ import asyncio
 import dataclasses
 import time
 
+from swarm.adapter_dht import fetch_all_adapter_names
+from swarm.adapter_records import AdapterName
 from swarm.dht import DHT, fetch_model_index, fetch_records_at
 from swarm.transport import P2P, ping
 from swarm.records import CLIENT_PART, Rejections, ServerRecord, ServerState, agreed_model, block_ranges
@@ -73,6 +81,36 @@ class ServerView:
 
 
 @dataclasses.dataclass(frozen=True)
+class AdapterVersionView:
+    version: int
+    hash: str
+    parents: list[str]
+    method: str
+    provenance: str
+    created: float
+    holders: list[str]
+    coverage: list[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterView:
+    name: str
+    publisher: str
+    versions: list[AdapterVersionView]
+
+    @classmethod
+    def of(cls, record: AdapterName, servers: dict[str, ServerRecord], num_blocks: int) -> AdapterView:
+        versions = []
+        for version in reversed(record.versions):
+            holders = sorted(peer for peer, server in servers.items()
+                             if server.state == ServerState.ONLINE and version.hash in server.adapters)
+            coverage = [sum(servers[peer].start <= block < servers[peer].end for peer in holders) for block in range(num_blocks)]
+            versions.append(AdapterVersionView(version.version, version.hash, list(version.parents), version.method,
+                                               version.provenance, version.created, holders, coverage))
+        return cls(record.name, record.publisher, versions)
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelView:
     dht_prefix: str
     model_type: str
@@ -84,6 +122,7 @@ class ModelView:
     invalid_records: dict[str, str]
     servers: list[ServerView]
     client_part_peers: list[str]
+    adapters: list[AdapterView] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +173,8 @@ def collect_state(dht: DHT) -> SwarmState:
         views = sorted((ServerView.of(peer, record) for peer, record in servers.items()), key=lambda v: (v.start, v.peer_id))
         client_part_peers = sorted(peer for peer, record in servers.items()
                                    if record.state == ServerState.ONLINE and CLIENT_PART in record.shares)
+        names = fetch_all_adapter_names(dht, prefix, rejected)
+        adapters = [AdapterView.of(record, servers, model.num_blocks) for _, record in sorted(names.items())]
         models.append(ModelView(prefix, model.model_type, model.num_blocks, not missing, replicas, missing,
-                                rejected.count, rejected.reasons, views, client_part_peers))
+                                rejected.count, rejected.reasons, views, client_part_peers, adapters))
     return SwarmState(time.time(), models, index_rejected.count)

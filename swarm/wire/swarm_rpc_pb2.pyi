@@ -126,20 +126,22 @@ class NamedTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Adapter(_message.Message):
-    __slots__ = ("lora_rank", "lora_alpha", "lora_dropout", "use_rslora", "lora", "deep_prompts")
+    __slots__ = ("lora_rank", "lora_alpha", "lora_dropout", "use_rslora", "lora", "deep_prompts", "adapter_hash")
     LORA_RANK_FIELD_NUMBER: _ClassVar[int]
     LORA_ALPHA_FIELD_NUMBER: _ClassVar[int]
     LORA_DROPOUT_FIELD_NUMBER: _ClassVar[int]
     USE_RSLORA_FIELD_NUMBER: _ClassVar[int]
     LORA_FIELD_NUMBER: _ClassVar[int]
     DEEP_PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_HASH_FIELD_NUMBER: _ClassVar[int]
     lora_rank: int
     lora_alpha: float
     lora_dropout: float
     use_rslora: bool
     lora: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     deep_prompts: Tensor
-    def __init__(self, lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., use_rslora: _Optional[bool] = ..., lora: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., deep_prompts: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    adapter_hash: str
+    def __init__(self, lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., use_rslora: _Optional[bool] = ..., lora: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., deep_prompts: _Optional[_Union[Tensor, _Mapping]] = ..., adapter_hash: _Optional[str] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("span", "hidden_states", "response_codec", "adapter", "forward_id", "dropout_seed", "attention_mask")
@@ -350,3 +352,45 @@ class FetchChunk(_message.Message):
     data: bytes
     error: Error
     def __init__(self, data: _Optional[bytes] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+
+class AdapterSlice(_message.Message):
+    __slots__ = ("manifest", "span", "tensors")
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    SPAN_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    manifest: bytes
+    span: Span
+    tensors: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    def __init__(self, manifest: _Optional[bytes] = ..., span: _Optional[_Union[Span, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
+
+class AdapterFetchRequest(_message.Message):
+    __slots__ = ("adapter_hash", "span")
+    ADAPTER_HASH_FIELD_NUMBER: _ClassVar[int]
+    SPAN_FIELD_NUMBER: _ClassVar[int]
+    adapter_hash: str
+    span: Span
+    def __init__(self, adapter_hash: _Optional[str] = ..., span: _Optional[_Union[Span, _Mapping]] = ...) -> None: ...
+
+class AdapterFetchResponse(_message.Message):
+    __slots__ = ("slice", "error")
+    SLICE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    slice: AdapterSlice
+    error: Error
+    def __init__(self, slice: _Optional[_Union[AdapterSlice, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+
+class AdapterStoreRequest(_message.Message):
+    __slots__ = ("slice", "name_record", "name")
+    SLICE_FIELD_NUMBER: _ClassVar[int]
+    NAME_RECORD_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    slice: AdapterSlice
+    name_record: bytes
+    name: str
+    def __init__(self, slice: _Optional[_Union[AdapterSlice, _Mapping]] = ..., name_record: _Optional[bytes] = ..., name: _Optional[str] = ...) -> None: ...
+
+class AdapterStoreResponse(_message.Message):
+    __slots__ = ("error",)
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    error: Error
+    def __init__(self, error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
