@@ -3,7 +3,8 @@
 
 For the same prompt and model (fp32), measures time to first token, per-token latency and
 tokens/s for N new greedy tokens, through plain transformers in this process and through a local
-swarm (a DHT and servers splitting the blocks), uncompressed and with the default wire codec.
+swarm (a DHT and servers splitting the blocks), uncompressed and with the default wire codec, each
+with server-to-server push (the default) and client-mediated (push=False).
 Prints a table and writes JSON.
 
     python scripts/bench_inference.py                 # default model, 2 servers, 64 tokens
@@ -108,13 +109,15 @@ def main() -> None:
         max_length = input_ids.shape[1] + args.new_tokens
         swarm_runs = {}
         for codec in args.codecs:
-            remote = AutoDistributedModelForCausalLM.from_pretrained(checkpoint, initial_peers=swarm.initial_peers, wire_codec=codec)
-            measure(remote, input_ids, 4)  # warm-up
-            swarm_runs[codec] = [
-                measure(remote, input_ids, args.new_tokens, lambda: remote.inference_session(max_length=max_length))
-                for _ in range(args.repeats)
-            ]
-            remote.swarm_client.shutdown()
+            for push in (True, False):  # server to server (the default), or every hop back through the client
+                remote = AutoDistributedModelForCausalLM.from_pretrained(checkpoint, initial_peers=swarm.initial_peers,
+                                                                         wire_codec=codec, push=push)
+                measure(remote, input_ids, 4)  # warm-up
+                swarm_runs[codec if push else f"{codec} client-mediated"] = [
+                    measure(remote, input_ids, args.new_tokens, lambda: remote.inference_session(max_length=max_length))
+                    for _ in range(args.repeats)
+                ]
+                remote.swarm_client.shutdown()
     finally:
         swarm.stop()
 
@@ -134,11 +137,11 @@ def main() -> None:
         }
     print(f"\nmodel {checkpoint.name}, fp32, prompt {input_ids.shape[1]} tokens, {args.new_tokens} new tokens, "
           f"{args.threads} torch threads, servers {', '.join(ranges)}, median of {args.repeats}")
-    print(f"{'setup':<18}{'TTFT ms':>10}{'per-token ms':>15}{'tokens/s':>10}{'per-token vs local':>20}{'same tokens':>13}")
+    print(f"{'setup':<34}{'TTFT ms':>10}{'per-token ms':>15}{'tokens/s':>10}{'per-token vs local':>20}{'same tokens':>13}")
     for name, summary in rows.items():
         codec = name.removeprefix("swarm, wire ")
         extra = result["swarm"].get(codec, {"per_token_over_local": 1.0, "same_greedy_tokens_as_local": True})
-        print(f"{name:<18}{summary['ttft_ms']:>10.1f}{summary['per_token_ms']:>15.2f}{summary['tokens_per_s']:>10.2f}"
+        print(f"{name:<34}{summary['ttft_ms']:>10.1f}{summary['per_token_ms']:>15.2f}{summary['tokens_per_s']:>10.2f}"
               f"{extra['per_token_over_local']:>20.3f}{str(extra['same_greedy_tokens_as_local']):>13}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2))
