@@ -260,7 +260,9 @@ class InferenceSession:
             else:
                 self.client.bans.succeeded(hops[-1].peer_id)
                 return output
-        return await self._settle(wait=True, until=step)
+        output = await self._settle(wait=True, until=step)
+        assert output is not None, "a pushed step is settled by the time its own settling returns"
+        return output
 
     async def _settle(self, wait: bool, until: _Step | None = None) -> torch.Tensor | None:
         """Take the reports of pushed steps, oldest first, into the replay records; without `wait`, only

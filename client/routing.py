@@ -179,20 +179,19 @@ def _push_route(
             for peer, hop_end, round_trip, per_block, fetch in options[boundary - start]:
                 leg = round_trip if previous is None else pings[previous].get(peer, DEFAULT_RTT)
                 cost = base + leg / 2 + (hop_end - boundary) * per_block + fetch
-                node = (hop_end, peer)
-                if node not in best:
+                reached = (hop_end, peer)
+                if reached not in best:
                     ending.setdefault(hop_end, []).append(peer)
-                if cost < best.get(node, math.inf):
-                    best[node] = cost
-                    via[node] = (boundary, previous)
-    last = min((peer for peer in ending[end] if peer is not None), key=lambda p: best[(end, p)] + rtt.get(p, DEFAULT_RTT) / 2)
+                if cost < best.get(reached, math.inf):
+                    best[reached] = cost
+                    via[reached] = (boundary, previous)
+    last: str | None = min((peer for peer in ending[end] if peer is not None), key=lambda p: best[(end, p)] + rtt.get(p, DEFAULT_RTT) / 2)
     route: list[RouteHop] = []
-    node: tuple[int, str | None] = (end, last)
-    while node[1] is not None:
-        boundary, peer = node
-        previous_boundary, previous = via[(boundary, peer)]
-        route.append(RouteHop(peer, previous_boundary, boundary))
-        node = (previous_boundary, previous)
+    boundary, hop_peer = end, last
+    while hop_peer is not None:
+        previous_boundary, previous = via[(boundary, hop_peer)]
+        route.append(RouteHop(hop_peer, previous_boundary, boundary))
+        boundary, hop_peer = previous_boundary, previous
     return route[::-1]
 
 

@@ -191,8 +191,9 @@ class SpanSession:
         except Exception as e:  # noqa: BLE001 - delivered to every waiter, who blames this server
             failure = e if isinstance(e, (RemoteError, InvalidRequest, CacheFull)) else RemoteError(self.peer_id, repr(e))
         self._failure = failure
-        for future in [*self._waiting.values(), self._granted]:
-            if future is not None and not future.done():
+        waiters: list[asyncio.Future] = [*self._waiting.values(), *([self._granted] if self._granted is not None else [])]
+        for future in waiters:
+            if not future.done():
                 future.set_exception(failure)
                 future.exception()  # retrieved: nobody may be waiting any more
         self._waiting.clear()

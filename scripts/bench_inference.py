@@ -3,10 +3,11 @@
 
 For the same prompt and model (fp32), measures time to first token, per-token latency and
 tokens/s for N new greedy tokens, through plain transformers in this process and through a local
-swarm (a DHT and servers splitting the blocks), uncompressed and with the default wire codec.
+swarm (a DHT and servers splitting the blocks), uncompressed and with the default wire codec, each
+with server-to-server push (the default) and client-mediated (push=False).
 Then prompt-lookup decoding (transformers' `prompt_lookup_num_tokens`, drafts verified in one pass
 through the chain) against plain greedy on a prompt that repeats itself (rewriting a given
-paragraph), locally and through the swarm: tokens/s, passes through the model, same tokens.
+paragraph), locally and through the swarm with push: tokens/s, passes through the model, same tokens.
 Prints tables and writes JSON.
 
     python scripts/bench_inference.py                 # default model, 2 servers, 64 tokens
@@ -130,21 +131,24 @@ def main() -> None:
         max_length = input_ids.shape[1] + args.new_tokens
         swarm_runs = {}
         for codec in args.codecs:
-            remote = AutoDistributedModelForCausalLM.from_pretrained(checkpoint, initial_peers=swarm.initial_peers, wire_codec=codec)
-            measure(remote, input_ids, 4)  # warm-up
-            swarm_runs[codec] = [
-                measure(remote, input_ids, args.new_tokens, lambda: remote.inference_session(max_length=max_length))
-                for _ in range(args.repeats)
-            ]
-            # Room for a draft that runs past the last token before verification cuts it.
-            rewrite_length = rewrite_ids.shape[1] + args.new_tokens + args.lookup_tokens
-            for decoding, extra in (("greedy", {}), ("prompt lookup", lookup)):
-                rewrite_runs[(f"swarm, wire {codec}", decoding)] = [
-                    measure(remote, rewrite_ids, args.new_tokens, lambda: remote.inference_session(max_length=rewrite_length),
-                            **extra)
+            for push in (True, False):  # server to server (the default), or every hop back through the client
+                remote = AutoDistributedModelForCausalLM.from_pretrained(checkpoint, initial_peers=swarm.initial_peers,
+                                                                         wire_codec=codec, push=push)
+                measure(remote, input_ids, 4)  # warm-up
+                swarm_runs[codec if push else f"{codec} client-mediated"] = [
+                    measure(remote, input_ids, args.new_tokens, lambda: remote.inference_session(max_length=max_length))
                     for _ in range(args.repeats)
                 ]
-            remote.swarm_client.shutdown()
+                if push:
+                    # Room for a draft that runs past the last token before verification cuts it.
+                    rewrite_length = rewrite_ids.shape[1] + args.new_tokens + args.lookup_tokens
+                    for decoding, extra in (("greedy", {}), ("prompt lookup", lookup)):
+                        rewrite_runs[(f"swarm, wire {codec}", decoding)] = [
+                            measure(remote, rewrite_ids, args.new_tokens,
+                                    lambda: remote.inference_session(max_length=rewrite_length), **extra)
+                            for _ in range(args.repeats)
+                        ]
+                remote.swarm_client.shutdown()
     finally:
         swarm.stop()
 
@@ -164,11 +168,11 @@ def main() -> None:
         }
     print(f"\nmodel {checkpoint.name}, fp32, prompt {input_ids.shape[1]} tokens, {args.new_tokens} new tokens, "
           f"{args.threads} torch threads, servers {', '.join(ranges)}, median of {args.repeats}")
-    print(f"{'setup':<18}{'TTFT ms':>10}{'per-token ms':>15}{'tokens/s':>10}{'per-token vs local':>20}{'same tokens':>13}")
+    print(f"{'setup':<34}{'TTFT ms':>10}{'per-token ms':>15}{'tokens/s':>10}{'per-token vs local':>20}{'same tokens':>13}")
     for name, summary in rows.items():
         codec = name.removeprefix("swarm, wire ")
         extra = result["swarm"].get(codec, {"per_token_over_local": 1.0, "same_greedy_tokens_as_local": True})
-        print(f"{name:<18}{summary['ttft_ms']:>10.1f}{summary['per_token_ms']:>15.2f}{summary['tokens_per_s']:>10.2f}"
+        print(f"{name:<34}{summary['ttft_ms']:>10.1f}{summary['per_token_ms']:>15.2f}{summary['tokens_per_s']:>10.2f}"
               f"{extra['per_token_over_local']:>20.3f}{str(extra['same_greedy_tokens_as_local']):>13}")
     result["prompt_lookup"] = prompt_lookup_table(rewrite_runs, rewrite_ids.shape[1], args)
     args.output.parent.mkdir(parents=True, exist_ok=True)

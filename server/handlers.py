@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import torch
+from transformers import DynamicCache
 
 from swarm.errors import CacheFull, InvalidRequest, LimitExceeded, SpanNotServed
 from swarm.limits import CACHE_WAIT_TIMEOUT, DEFAULT_MAX_SESSION_LIFETIME, DEFAULT_REQUEST_TIMEOUT, SESSION_IDLE_TIMEOUT
