@@ -229,7 +229,7 @@ class AutoDistributedModelForCausalLM:
         `initial_peers`: multiaddrs of any peers of the swarm. `route_wait`: how long a request
         waits for missing blocks to appear before it fails with MissingBlocksError.
         `allowed_servers` / `blocked_servers`: peer ids (base58) to use exclusively / never.
-        `wire_codec`: how hidden states travel to servers ("none", "fp16", "bf16", "int8", "nf4");
+        `wire_codec`: how hidden states travel to servers ("none", "fp16", "bf16", "int8", "nf4", "nf4o");
         `response_codec`: how they come back (default: the same).
         `tuning_mode`: "ptune" (trainable prompts before the input) or "deep_ptune" (also a prompt
         added before every block), with `pre_seq_len` prompt tokens; LoRA comes via add_adapter().

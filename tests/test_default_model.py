@@ -4,6 +4,8 @@ Uncompressed, it generates exactly the tokens of local transformers. With the de
 (int8), its next-token choices agree with the uncompressed model's within the bound measured by
 scripts/bench_codecs.py (97% there; this test allows 90% on its shorter sample). Servers with
 int8 and nf4 weights serve it too, and a LoRA trains through them (QLoRA over the swarm).
+Assisted generation (prompt lookup, and the model itself loaded locally as the assistant) gives
+exactly greedy's tokens in fewer inference steps than tokens.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from swarm import AutoDistributedModelForCausalLM
 from swarm.client.local_processes import LocalSwarm
 from swarm.dht import fetch_block_records
 from swarm.model_source import resolve_model
-from swarm.wire.codecs import DEFAULT_CODEC
+from swarm.wire.codecs import DEFAULT_CODEC, decode, encode
+from tests.conftest import served_counts
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -103,3 +106,51 @@ def test_quantized_servers_serve_the_default_model(checkpoint, prompt_ids):
             remote.swarm_client.shutdown()
     finally:
         swarm.stop()
+
+
+REWRITE = ("Rewrite this paragraph in a formal tone: The old lighthouse stood on the edge of the cliff for more than "
+           "a hundred years. Every night its keeper climbed the narrow stairs and lit the great lamp.")
+
+
+@pytest.mark.parametrize("assistance", ["prompt_lookup", "assistant_model"])
+def test_assisted_generation_equals_greedy(fp32_swarm, local_model, checkpoint, assistance):
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": REWRITE}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)["input_ids"]
+    new_tokens = 32
+    expected = local_model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    extra = {"prompt_lookup_num_tokens": 10} if assistance == "prompt_lookup" else {"assistant_model": local_model}
+    remote = AutoDistributedModelForCausalLM.from_pretrained("smollm2", initial_peers=fp32_swarm.initial_peers, wire_codec="none")
+    try:
+        before = served_counts(remote)
+        produced = remote.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **extra)
+        after = served_counts(remote)
+    finally:
+        remote.swarm_client.shutdown()
+    assert torch.equal(produced, expected), tokenizer.decode(produced[0, prompt.shape[1]:])
+    steps = {peer: after[peer].inference_steps - before[peer].inference_steps for peer in before}
+    assert len(steps) == 2 and all(0 < count < new_tokens // 2 for count in steps.values()), steps
+
+
+def test_nf4o_codec_through_the_swarm(fp32_swarm, local_model, prompt_ids):
+    """The swarm with nf4o on the wire computes what the local model computes with nf4o applied where
+    the swarm sends hidden states (into and out of each server), and stays close to uncompressed."""
+    sequence = local_model.generate(prompt_ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    remote = AutoDistributedModelForCausalLM.from_pretrained("smollm2", initial_peers=fp32_swarm.initial_peers, wire_codec="nf4o")
+    layers = local_model.model.layers
+    hooks = [layers[i].register_forward_pre_hook(lambda m, args: (decode(encode(args[0], "nf4o")), *args[1:])) for i in (0, 15)]
+    hooks += [layers[i].register_forward_hook(lambda m, args, output: decode(encode(output, "nf4o"))) for i in (14, 29)]
+    try:
+        with torch.no_grad():
+            through_swarm = remote(sequence).logits
+            simulated = local_model(sequence).logits
+    finally:
+        for hook in hooks:
+            hook.remove()
+        remote.swarm_client.shutdown()
+    with torch.no_grad():
+        reference = local_model(sequence).logits
+    new = slice(prompt_ids.shape[1], None)
+    same_as_simulated = (through_swarm[:, new].argmax(-1) == simulated[:, new].argmax(-1)).float().mean().item()
+    same_as_uncompressed = (through_swarm[:, new].argmax(-1) == reference[:, new].argmax(-1)).float().mean().item()
+    assert same_as_simulated >= 0.95 and same_as_uncompressed >= 0.75, (same_as_simulated, same_as_uncompressed)
