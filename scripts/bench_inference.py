@@ -29,9 +29,10 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from swarm import AutoDistributedModelForCausalLM  # noqa: E402
+from token_clock import TokenClock  # noqa: E402 (scripts/token_clock.py, beside this script)
 from swarm.cli.logs import configure_logging  # noqa: E402
 from swarm.client.local_processes import LocalSwarm  # noqa: E402
 from swarm.client.local_swarm import split_blocks  # noqa: E402
@@ -51,16 +52,6 @@ REWRITE_PROMPT = (
     "lost at sea many years before."
 )
 
-
-class TokenClock(StoppingCriteria):
-    """Records when each new token is ready (generate calls this once per step); never stops."""
-
-    def __init__(self) -> None:
-        self.stamps: list[float] = []  # one per pass through the model (assisted decoding: several tokens each)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> torch.BoolTensor:
-        self.stamps.append(time.perf_counter())
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
 
 def measure(model, input_ids: torch.Tensor, new_tokens: int, session_factory=None, **generate_kwargs) -> dict:  # noqa: ANN001, ANN003

@@ -34,9 +34,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import psutil  # noqa: E402
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from swarm import AutoDistributedModelForCausalLM  # noqa: E402
+from token_clock import TokenClock  # noqa: E402 (scripts/token_clock.py, beside this script)
 from swarm.cli.logs import configure_logging  # noqa: E402
 from swarm.client.event_loop import run_sync  # noqa: E402
 from swarm.client.local_processes import LocalSwarm  # noqa: E402
@@ -64,16 +65,6 @@ QUESTIONS = [
     "Translate 'good morning' into French, Spanish and German.",
 ]
 
-
-class TokenClock(StoppingCriteria):
-    """Records when each new token is ready (generate calls this once per step); never stops."""
-
-    def __init__(self) -> None:
-        self.stamps: list[float] = []
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> torch.BoolTensor:
-        self.stamps.append(time.perf_counter())
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
 
 def served(model: torch.nn.Module) -> dict[str, pb.RequestCounts]:

@@ -28,9 +28,10 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # the client shares the cores with the servers
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from swarm import AutoDistributedModelForCausalLM  # noqa: E402
+from token_clock import TokenClock  # noqa: E402 (scripts/token_clock.py, beside this script)
 from swarm.cli.logs import configure_logging  # noqa: E402
 from swarm.client.local_processes import SHARED_CORES_ENV, ManagedProcess  # noqa: E402
 from swarm.client.local_swarm import split_blocks  # noqa: E402
@@ -46,16 +47,6 @@ LISTEN_PORT = 31000  # inside each namespace, on 127.0.0.1; the delay proxy list
 TARGETS = {2: 1.6, 4: 2.6}  # round trips over compute that push should stay within (issue 10)
 WORKER_TIMEOUT = 900.0  # seconds for the client to measure one setting
 
-
-class TokenClock(StoppingCriteria):
-    """Records when each new token is ready (generate calls this once per step); never stops."""
-
-    def __init__(self) -> None:
-        self.stamps: list[float] = []
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> torch.BoolTensor:
-        self.stamps.append(time.perf_counter())
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
 
 def timed_generation(model, input_ids: torch.Tensor, new_tokens: int, session=None) -> dict:  # noqa: ANN001
