@@ -244,8 +244,8 @@ async def _call_once(client: SwarmClient, hop: RouteHop, rpc: str, request: Mess
         if isinstance(e, PeerTimeout):
             raise
         raise TransportFailure(hop.peer_id, str(e)) from e
-    if reply is None:
-        raise RemoteError(hop.peer_id, f"closed the {rpc} stream without a reply")
+    if reply is None:  # the stream ended before any byte of a reply: the connection dropped it (see TransportFailure)
+        raise TransportFailure(hop.peer_id, f"the {rpc} stream closed without a reply")
     if reply.HasField("error"):
         raise_for_error(hop.peer_id, reply.error)
     return reply

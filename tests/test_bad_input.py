@@ -98,7 +98,11 @@ async def _frames(items: list[pb.Frame | object]) -> AsyncIterator[pb.Frame]:
 
 
 def exchange(served: Served, rpc: str, items: list, response_type: type) -> list:
-    """Send `items` on one stream of `rpc` and read every reply until the server closes it."""
+    """Send `items` on one stream of `rpc` and read every reply until the server closes it.
+
+    A stream that ends with no reply at all is sent once more, as the client does (TransportFailure in
+    client/retry.py): hivemind's daemons occasionally drop a reply the server did send.
+    """
 
     async def go() -> list:
         replies = await open_stream(served.client.p2p, served.peer, rpc, _frames(items), REPLY_TIMEOUT)
@@ -107,7 +111,7 @@ def exchange(served: Served, rpc: str, items: list, response_type: type) -> list
             found.append(reply)
         return found
 
-    return run_sync(go())
+    return run_sync(go()) or run_sync(go())
 
 
 def error_of(served: Served, rpc: str, items: list, response_type: type) -> SwarmError:
