@@ -1,0 +1,100 @@
+"""Held adapters of the rows of one merged decode step: one base forward plus a per-row LoRA correction.
+
+Steps of several sessions run as one forward (server/inference_steps.py); each session may use a
+different adapter held by this server (frozen), or none. Instead of one sub-batch per adapter, each
+targeted linear layer gets one hook that adds, for every row, lora_update(x_row, A_row, B_row,
+scaling_row) (server/adapters.py, the same formula as a single adapter's): the rows' A and B are
+gathered into (rows, max rank, in) and (rows, out, max rank) tensors and applied with one batched
+matmul, the idea behind Punica and S-LoRA. Ranks differ between adapters, so each adapter's A and
+B are zero-padded to the largest rank among the rows (the padded rank components contribute exact
+zeros); rows without an adapter, or whose adapter does not target the layer, get zero matrices,
+hence no correction at all. The result is peft's mixed-batch forward (`adapter_names=[...]`,
+`LoraLayer._mixed_batch_forward`), which loops over the adapters instead.
+
+Only inference: no dropout, no gradients. Trainable adapters sent by a client and deep prompts
+still run alone (their steps never merge), since their gradients and prompt positions are per
+request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from swarm.server.adapters import ParsedAdapter, lora_update
+from swarm.server.span_runner import SpanRunner
+
+
+@dataclasses.dataclass
+class RowLora:
+    """One linear layer's LoRA for every row of a merged step (zeros for rows it does not apply to)."""
+
+    lora_a: torch.Tensor  # (rows, max rank, in)
+    lora_b: torch.Tensor  # (rows, out, max rank)
+    scaling: torch.Tensor  # (rows, 1, 1)
+
+    def correction(self, x: torch.Tensor) -> torch.Tensor:
+        """The rows' LoRA updates for the layer's input x (rows, ..., in), rows first: (rows, ..., out).
+
+        Layers that flatten the tokens first (rows * tokens, in) are fine too: rows stay leading."""
+        rows = self.lora_a.shape[0]
+        if x.numel() % (rows * x.shape[-1]):
+            raise ValueError(f"a LoRA layer's input of shape {tuple(x.shape)} cannot be split into {rows} rows")
+        per_row = x.to(self.lora_a.dtype).reshape(rows, -1, x.shape[-1])  # (rows, tokens, in)
+        update = lora_update(per_row, self.lora_a, self.lora_b, self.scaling)
+        return update.reshape(*x.shape[:-1], update.shape[-1])
+
+
+def stack_rows(adapters: Sequence[ParsedAdapter | None], rows: Sequence[int]) -> dict[tuple[int, str], RowLora]:
+    """Per (block, module path) that any of `adapters` targets: its LoRA gathered for all rows.
+
+    `adapters[i]` covers `rows[i]` consecutive rows of the batch (a session's batch); None: no adapter."""
+    keys = sorted({key for adapter in adapters if adapter is not None for key in adapter.lora})
+    row_of_step = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(rows))  # (rows,) -> index in adapters
+    stacked = {}
+    for key in keys:
+        present = [adapter for adapter in adapters if adapter is not None and key in adapter.lora]
+        rank = max(adapter.lora[key][0].shape[0] for adapter in present)
+        sample_a, sample_b = present[0].lora[key]
+        # slot 0: no correction; slot i + 1: adapters[i]
+        lora_a = sample_a.new_zeros(len(adapters) + 1, rank, sample_a.shape[1])
+        lora_b = sample_b.new_zeros(len(adapters) + 1, sample_b.shape[0], rank)
+        scaling = sample_a.new_zeros(len(adapters) + 1)
+        for index, adapter in enumerate(adapters):
+            if adapter is None or key not in adapter.lora:
+                continue
+            a, b = adapter.lora[key]
+            lora_a[index + 1, : a.shape[0]] = a
+            lora_b[index + 1, :, : b.shape[1]] = b
+            scaling[index + 1] = adapter.scaling
+        slots = row_of_step + 1
+        stacked[key] = RowLora(lora_a[slots], lora_b[slots], scaling[slots].view(-1, 1, 1))
+    return stacked
+
+
+@contextlib.contextmanager
+def applied_per_row(runner: SpanRunner, adapters: Sequence[ParsedAdapter | None], rows: Sequence[int]) -> Iterator[None]:
+    """Hooks that add each row's own held adapter to the linear layers of a merged forward (see the
+    module docstring); nothing at all if no row has an adapter."""
+    if any(adapter is not None and (not adapter.frozen or adapter.deep_prompts is not None) for adapter in adapters):
+        raise ValueError("only held (frozen) LoRA adapters can share a merged forward")
+    handles = []
+    for (block, path), row_lora in stack_rows(adapters, rows).items():
+        module = runner.layers[block - runner.start].get_submodule(path)
+        handles.append(module.register_forward_hook(_row_hook(row_lora)))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _row_hook(row_lora: RowLora):  # noqa: ANN202
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output + row_lora.correction(args[0]).to(output.dtype)
+
+    return hook
