@@ -23,6 +23,7 @@ import dataclasses
 from collections.abc import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from swarm.server.adapters import ParsedAdapter, lora_update
@@ -54,25 +55,22 @@ def stack_rows(adapters: Sequence[ParsedAdapter | None], rows: Sequence[int]) ->
 
     `adapters[i]` covers `rows[i]` consecutive rows of the batch (a session's batch); None: no adapter."""
     keys = sorted({key for adapter in adapters if adapter is not None for key in adapter.lora})
-    row_of_step = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(rows))  # (rows,) -> index in adapters
+    # each row's session, when some session has several rows; else the sessions are the rows
+    row_index = None if all(count == 1 for count in rows) else torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(rows))
     stacked = {}
     for key in keys:
-        present = [adapter for adapter in adapters if adapter is not None and key in adapter.lora]
-        rank = max(adapter.lora[key][0].shape[0] for adapter in present)
-        sample_a, sample_b = present[0].lora[key]
-        # slot 0: no correction; slot i + 1: adapters[i]
-        lora_a = sample_a.new_zeros(len(adapters) + 1, rank, sample_a.shape[1])
-        lora_b = sample_b.new_zeros(len(adapters) + 1, sample_b.shape[0], rank)
-        scaling = sample_a.new_zeros(len(adapters) + 1)
-        for index, adapter in enumerate(adapters):
-            if adapter is None or key not in adapter.lora:
-                continue
-            a, b = adapter.lora[key]
-            lora_a[index + 1, : a.shape[0]] = a
-            lora_b[index + 1, :, : b.shape[1]] = b
-            scaling[index + 1] = adapter.scaling
-        slots = row_of_step + 1
-        stacked[key] = RowLora(lora_a[slots], lora_b[slots], scaling[slots].view(-1, 1, 1))
+        pairs = [adapter.lora.get(key) if adapter is not None else None for adapter in adapters]
+        present = [pair for pair in pairs if pair is not None]
+        rank = max(lora_a.shape[0] for lora_a, _ in present)
+        sample_a, sample_b = present[0]
+        zero_a, zero_b = sample_a.new_zeros(rank, sample_a.shape[1]), sample_b.new_zeros(sample_b.shape[0], rank)
+        lora_a = torch.stack([zero_a if pair is None else F.pad(pair[0], (0, 0, 0, rank - pair[0].shape[0])) for pair in pairs])
+        lora_b = torch.stack([zero_b if pair is None else F.pad(pair[1], (0, rank - pair[1].shape[1])) for pair in pairs])
+        scales = [adapter.scaling if adapter is not None and key in adapter.lora else 0.0 for adapter in adapters]
+        scaling = torch.tensor(scales, dtype=sample_a.dtype).view(-1, 1, 1)
+        if row_index is not None:
+            lora_a, lora_b, scaling = lora_a[row_index], lora_b[row_index], scaling[row_index]
+        stacked[key] = RowLora(lora_a, lora_b, scaling)
     return stacked
 
 
