@@ -10,10 +10,19 @@ alone (local transformers' greedy tokens), and where the CPU time went (this pro
 generate loops, against the servers), since clients and servers share this machine's cores.
 Also measures one server's compute alone, in this process: a decode step of n sessions merged into one
 forward against one session's, which is what merging saves a server whatever the clients do.
-Prints tables and writes JSON.
+
+With `--adapters N`: 8 (`--adapter-sessions`) concurrent sessions using N different held adapters
+(deterministic random LoRA of `--adapter-rank` on `--adapter-targets`, published by name) against
+8 sessions with none, on the same swarm and interleaved; their steps merge into one base forward
+plus a per-row LoRA correction (server/mixed_lora.py). For comparison, the old behaviour: each
+adapter step alone (`--max-merged-steps 1`, which is the same when every session has an adapter;
+skipped with `--no-unmerged`). Every session's tokens are checked against local peft with its
+adapter. Also one server's compute for a decode step of those sessions: no adapters, one adapter
+each (one rank; then ranks 4..64), and the adapter steps one by one. Prints tables and writes JSON.
 
     python scripts/bench_throughput.py                      # 1 4 8 16 sessions, 64 tokens, merged and unmerged
     python scripts/bench_throughput.py --sessions 1 8 --no-unmerged --output bench.json
+    python scripts/bench_throughput.py --sessions 1 --adapters 8 --repeats 3   # the adapter rows (and one session)
 """
 
 from __future__ import annotations
@@ -286,8 +295,8 @@ def measure_adapters(checkpoint: Path, ranges: list[str], args: argparse.Namespa
 def adapter_compute(checkpoint: Path, block_range: str, prompt_lengths: list[int], sessions: int, rank: int,
                     targets: list[str], repeats: int = 8) -> list[dict]:
     """One server's compute alone, in this process: a decode step of `sessions` sessions merged into one
-    forward with no adapters, with one adapter each (all of `rank`; then ranks 4..64, zero-padded to the
-    largest), and the same steps with adapters run one by one (the old behaviour); medians of `repeats`."""
+    forward with no adapters, with one adapter each (all of `rank`; then ranks 4..64, grouped by rank),
+    and the same steps with adapters run one by one (the old behaviour); medians of `repeats`."""
     config = load_config(checkpoint)
     start, end = (int(part) for part in block_range.split(":"))
     runner = SpanRunner(config, family_of(config), start, load_span_layers(checkpoint, config, family_of(config), start, end, torch.float32))
