@@ -5,7 +5,9 @@ server holds (adapter_store.py) is named by hash and applied the same way, froze
 checked against the blocks they name and applied only while that request computes, through
 forward hooks (the compute worker runs one request at a time, so no request ever sees another's
 adapter). The LoRA update is peft's: base(x) + lora_B(lora_A(dropout(x))) * alpha / rank (or
-alpha / sqrt(rank) with rsLoRA), so gradients equal those of a local peft model.
+alpha / sqrt(rank) with rsLoRA), so gradients equal those of a local peft model; `lora_update` is
+the formula, shared with the per-row path that runs several held adapters in one merged forward
+(server/mixed_lora.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from swarm.adapter_manifest import lora_scaling
 from swarm.errors import InvalidRequest
 from swarm.wire import swarm_rpc_pb2 as pb
 from swarm.wire.codecs import decode
@@ -93,7 +96,7 @@ def parse_adapter(message: pb.Adapter, runner: SpanRunner, start: int, end: int,
         deep_prompts = decode(message.deep_prompts).float()
         if not torch.isfinite(deep_prompts).all():
             raise InvalidRequest(f"deep prompts must be finite, 1..{MAX_PROMPT_LENGTH} tokens long")
-    scaling = message.lora_alpha / (math.sqrt(rank) if message.use_rslora else rank) if rank else 0.0
+    scaling = lora_scaling(message.lora_alpha, rank, message.use_rslora) if rank else 0.0
     pairs = {key: (pair["lora_A"], pair["lora_B"]) for key, pair in lora.items()}
     return ParsedAdapter(scaling, message.lora_dropout, pairs, names, deep_prompts)
 
@@ -150,9 +153,18 @@ def _lora_hook(lora_a: torch.Tensor, lora_b: torch.Tensor, adapter: ParsedAdapte
         if training and adapter.dropout > 0:
             keep = torch.empty_like(x).bernoulli_(1 - adapter.dropout, generator=generator)
             x = x * keep / (1 - adapter.dropout)
-        return output + ((x @ lora_a.T) @ lora_b.T * adapter.scaling).to(output.dtype)
+        return output + lora_update(x, lora_a, lora_b, adapter.scaling).to(output.dtype)
 
     return hook
+
+
+def lora_update(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float | torch.Tensor) -> torch.Tensor:
+    """peft's LoRA update lora_B(lora_A(x)) * scaling, the one formula for one adapter and for many rows.
+
+    One adapter: x (..., in), A (rank, in), B (out, rank), scaling a number. Per row of a merged
+    step (server/mixed_lora.py): x (rows, tokens, in), A (rows, rank, in), B (rows, out, rank),
+    scaling (rows, 1, 1). Returns (..., out)."""
+    return (x @ lora_a.mT) @ lora_b.mT * scaling
 
 
 def _prompt_hook(prompts: torch.Tensor, position: int):  # noqa: ANN202

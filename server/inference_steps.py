@@ -2,11 +2,13 @@
 
 A step is what the compute worker runs for a session: new hidden states at the session's
 position, its cache, its padding mask and adapter. Steps with the same `merge_key` (same span of
-the same blocks, the same number of new tokens, no adapter) may run together: their rows are
-stacked into one batch, each row keeps its own positions, and attention sees each session's own
-keys and values only (server/kv_cache.py MergedCache), so every session gets what it would get
-alone, up to float rounding of a larger matrix product. Steps with an adapter or deep prompts
-never merge: hooks apply one adapter to a whole forward.
+the same blocks, the same number of new tokens, and no adapter or one held by this server) may run
+together: their rows are stacked into one batch, each row keeps its own positions, and attention
+sees each session's own keys and values only (server/kv_cache.py MergedCache); each row's held
+adapter is added as a per-row LoRA correction to the one base forward (server/mixed_lora.py). So
+every session gets what it would get alone, up to float rounding of a larger matrix product.
+Steps with a caller's own (trainable) adapter or deep prompts never merge: hooks apply them to a
+whole forward.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 
 from swarm.server.adapters import ParsedAdapter, applied
 from swarm.server.kv_cache import MergedCache, Member, SessionCache
+from swarm.server.mixed_lora import applied_per_row
 from swarm.server.span_runner import SpanRunner
 
 logger = logging.getLogger(__name__)
@@ -38,7 +41,7 @@ class InferenceStep:
     @property
     def merge_key(self) -> Hashable | None:
         """Steps with equal keys can share a forward; None: this step always runs alone."""
-        if self.adapter is not None:
+        if self.adapter is not None and (not self.adapter.frozen or self.adapter.deep_prompts is not None):
             return None
         return (self.runner, self.start, self.end, self.hidden.shape[1])
 
@@ -70,9 +73,10 @@ def run_merged(steps: list[InferenceStep]) -> list[torch.Tensor]:
         for step in steps
     ])
     mask = cache.padding_mask([step.padding_mask for step in steps])
-    with torch.inference_mode():
+    rows = [step.hidden.shape[0] for step in steps]
+    with torch.inference_mode(), applied_per_row(runner, [step.adapter for step in steps], rows):
         output = runner.run(hidden, first.start, first.end, position_ids, cache, mask)
-    return list(output.split([step.hidden.shape[0] for step in steps]))
+    return list(output.split(rows))
 
 
 def run_steps(steps: list[InferenceStep]) -> tuple[list[torch.Tensor | Exception], bool]:

@@ -10,7 +10,7 @@ many requests gets no more than any other peer with work waiting. A class or pee
 resumes at the current virtual time, never with credit saved up while idle.
 
 Inference steps of different sessions that can share one forward (equal `merge_key`: same span,
-same number of new tokens, no adapter) are merged when the next task is such a step: `pop_batch`
+same number of new tokens, no adapter or a held one) are merged when the next task is such a step: `pop_batch`
 takes the other queued steps with its key, at most one per session and in each peer's order,
 up to a number of steps and of tokens, and charges each to its own peer and the batch to the
 inference class, exactly as if they had run one after another. Nothing waits for a batch to fill:

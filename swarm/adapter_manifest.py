@@ -33,6 +33,11 @@ MAX_DIM = 1 << 20
 HASH_CHARS = 64  # hex sha256
 
 
+def lora_scaling(alpha: float, rank: int, rslora: bool) -> float:
+    """peft's LoRA scale: alpha / rank, or alpha / sqrt(rank) with rsLoRA (the one place it is decided)."""
+    return alpha / (math.sqrt(rank) if rslora else rank)
+
+
 @dataclasses.dataclass(frozen=True)
 class TensorDigest:
     shape: tuple[int, int]
@@ -64,8 +69,7 @@ class AdapterManifest:
 
     @property
     def scaling(self) -> float:
-        """peft's LoRA scale: alpha / rank, or alpha / sqrt(rank) with rsLoRA."""
-        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+        return lora_scaling(self.alpha, self.rank, self.rslora)
 
     def blocks(self) -> list[int]:
         return sorted({block_of(name) for name in self.tensors})
