@@ -26,10 +26,9 @@ import contextvars
 import dataclasses
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
-from google.protobuf.internal.containers import RepeatedScalarFieldContainer
 
 from swarm.adapter_manifest import AdapterManifest
 from swarm.adapter_routing import METHODS, check_routable, check_top_k, targets
@@ -165,7 +164,7 @@ class AdapterRouter:
         return totals / max(counted, 1)
 
 
-def checked_scores(peer_id: str, scores: RepeatedScalarFieldContainer[float] | list[float], count: int, bound: int) -> torch.Tensor:
+def checked_scores(peer_id: str, scores: Sequence[float], count: int, bound: int) -> torch.Tensor:
     """A server's per-adapter score sums: `count` finite values in [0, bound] (bound: target layers x real tokens)."""
     if len(scores) != count:
         raise RemoteError(peer_id, f"sent {len(scores)} adapter scores for {count} adapters")

@@ -64,12 +64,11 @@ class _Target:
 class RoutedAdapters:
     """The hooks of one request: Arrow's update on every target layer, or (scoring) the inputs' scores."""
 
-    def __init__(self, targets: dict[tuple[int, str], _Target], top_k: int, padding_mask: torch.Tensor | None,
+    def __init__(self, targets: dict[tuple[int, str], _Target], count: int, top_k: int, padding_mask: torch.Tensor | None,
                  scoring: bool):
-        self.targets = targets
+        self.targets = targets  # may be empty: the adapters need not adapt every block of the span
         self.top_k = top_k
         self.padding_mask = padding_mask  # (batch, seq) True for real tokens; None: all real
-        count = len(next(iter(targets.values())).scaling) if targets else 0
         self.scores: torch.Tensor | None = torch.zeros(count, dtype=torch.float64) if scoring else None  # (adapters,)
 
     def install(self, runner: SpanRunner) -> list[RemovableHandle]:
@@ -132,8 +131,10 @@ class AdapterRouting:
                          {h: p.scaling for h, p in zip(hashes, parsed)})
             for key, layer in layers.items()
         }
-        routed = RoutedAdapters(targets, message.arrow_top_k, padding_mask, scoring=message.arrow_score)
-        return ParsedAdapter(0.0, 0.0, {}, {}, None, frozen=True, routing=routed)
+        routed = RoutedAdapters(targets, len(hashes), message.arrow_top_k, padding_mask, scoring=message.arrow_score)
+        # Not `frozen` (which marks one held adapter, that merged decode steps add per row): steps that route
+        # must run alone. Nothing here is trained either way: the adapter has no tensors of its own.
+        return ParsedAdapter(0.0, 0.0, {}, {}, None, frozen=False, routing=routed)
 
     async def _layers(self, hashes: tuple[str, ...], start: int, end: int,
                       parsed: list[ParsedAdapter]) -> dict[tuple[int, str], ArrowLoraLinearLayer]:

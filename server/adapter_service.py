@@ -106,7 +106,9 @@ class AdapterService:
         runner = self.runner()
         start, end = runner.start, runner.end
         loop = asyncio.get_running_loop()
-        found = await loop.run_in_executor(None, swarm_dht.fetch_records_at, self.dht, self.base, range(start, end))
+        # holders of any block: the manifest may come from any, and an adapter need not adapt these blocks at all
+        every_block = range(runner.config.num_hidden_layers)
+        found = await loop.run_in_executor(None, swarm_dht.fetch_records_at, self.dht, self.base, every_block)
         holders = {peer: record for records in found.values() for peer, record in records.items()
                    if digest in record.adapters and peer != self.peer_id}
         if not holders:

@@ -44,7 +44,7 @@ class ParsedAdapter:
     lora_names: dict[tuple[int, str, str], str]  # (block, path, "lora_A"/"lora_B") -> wire name
     deep_prompts: torch.Tensor | None
     frozen: bool = False  # an adapter held by the server (adapter_store.py): applied, never trained
-    routing: AdapterHooks | None = None  # several held adapters routed per token (then `lora` is empty): never merged
+    routing: AdapterHooks | None = None  # several held adapters routed per token (`lora` empty, not `frozen`): runs alone
 
     def nbytes(self) -> int:
         return sum(tensor.numel() * tensor.element_size() for tensor in self.tensors())

@@ -7,6 +7,7 @@ peft locally and published from a distributed model, which then routes among the
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -109,10 +110,18 @@ def published(tiny_models, tmp_path_factory):
         folders = {name: make_adapter(path, root / name, seed) for seed, name in enumerate(TASKS)}
         folders["wide"] = make_adapter(path, root / "wide", 7, r=8)
         folders["narrow"] = make_adapter(path, root / "narrow", 8, target_modules=["q_proj"])
+        for seed, name in ((9, "late0"), (10, "late1")):  # only blocks 4 and 5: the first server's span has none
+            folders[name] = make_adapter(path, root / name, seed, layers_to_transform=[4, 5])
         remote = remote_model(path, swarm)
         for name, folder in folders.items():
             remote.load_adapter(str(folder), adapter_name=name)
             remote.publish_adapter(name, adapter_name=name, identity_path=root / "publisher.key")
+        registry, deadline = AdapterRegistry(remote.swarm_client), time.monotonic() + 60
+        for name in folders:  # until the holders' records list it: a server lacking it finds them there
+            digest = registry.resolve(f"swarm:{name}")[1].hash
+            while not registry.holders(digest):
+                assert time.monotonic() < deadline, f"no server record lists {name}"
+                time.sleep(0.2)
         yield path, swarm, folders
     finally:
         if remote is not None:
@@ -243,3 +252,16 @@ def test_server_refuses_sets_arrow_cannot_combine_and_keeps_serving(published, r
     good = RoutedLora(["a", "b"], [registry_hashes["alpha"], registry_hashes["beta"]], 1)
     output, reply = run_sync(forward_hop(client, hop, hidden, RequestAdapter(good, None)))
     assert output.shape == hidden.shape and not reply.adapter_scores
+
+
+def test_prompt_router_over_adapters_of_later_blocks_only(published, remote):
+    path, _, folders = published
+    late = ["swarm:late0", "swarm:late1"]
+    with pytest.raises(ConfigError, match="adapt no layer of the first 3 blocks"):
+        remote.set_adapter_router(late, method="prompt")
+    remote.set_adapter_router(late, method="prompt", prompt_blocks=6)  # the span 0:3 answers scores of nothing
+    name = remote.route_adapter(PROMPTS[0])
+    local = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+                                      folders[name.removeprefix("swarm:")]).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(remote(PROMPTS[0]).logits, local(PROMPTS[0]).logits, atol=1e-4, rtol=1e-4)
