@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,6 +26,8 @@ from swarm.client.event_loop import run_sync
 from swarm.client.local_processes import LocalSwarm
 from swarm.client.remote_calls import forward_hop
 from swarm.errors import ConfigError, InvalidRequest, RemoteError
+from swarm.server.adapter_routing import RoutedAdapters, _build_layers, _Target, _Weight
+from swarm.server.adapters import ParsedAdapter, applied
 from swarm.wire import swarm_rpc_pb2 as pb
 
 pytestmark = pytest.mark.timeout(600)
@@ -80,6 +83,47 @@ def test_routed_lora_names_every_adapter():
     RoutedLora(["swarm:a", "swarm:b"], ["1" * 64, "2" * 64], 2).fill(message, 0, 3)
     assert list(message.arrow_hashes) == ["1" * 64, "2" * 64] and message.arrow_top_k == 2 and not message.arrow_score
     assert not message.adapter_hash and not message.lora
+
+
+def test_routed_hooks_mix_as_arrow_and_score_real_tokens_only():
+    """Server hooks on a one-layer stand-in: Arrow's update and the scores, against the formulas written out."""
+    generator = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(8, 6)
+    block = torch.nn.Module()
+    block.add_module("proj", linear)
+    runner = SimpleNamespace(layers=torch.nn.ModuleList([block]), start=0)
+    hashes = ("a" * 64, "b" * 64, "c" * 64)
+    pairs = [(torch.randn(2, 8, generator=generator), torch.randn(6, 2, generator=generator)) for _ in hashes]
+    parsed = [ParsedAdapter(0.5 * (i + 1), 0.0, {(0, "proj"): pair}, {}, None, frozen=True) for i, pair in enumerate(pairs)]
+    layer = _build_layers(hashes, parsed)[(0, "proj")]
+    target = _Target(layer, {h: _Weight(a) for h, (a, _) in zip(hashes, pairs)}, {h: _Weight(b) for h, (_, b) in zip(hashes, pairs)},
+                     {h: p.scaling for h, p in zip(hashes, parsed)})
+    x = torch.randn(2, 5, 8, generator=generator)
+    prototypes = layer.prototypes  # (adapters, in): unit vectors, each along the top right singular vector of B @ A
+    for (a, b), proto in zip(pairs, prototypes):
+        top = torch.linalg.svd(b @ a).Vh[0]
+        assert abs(float(proto @ top)) > 0.999
+
+    routed = RoutedAdapters({(0, "proj"): target}, 3, 2, None, scoring=False)
+    with torch.no_grad(), applied(runner, ParsedAdapter(0.0, 0.0, {}, {}, None, routing=routed), 0):
+        got = linear(x)
+    tokens = x.reshape(-1, 8)
+    sim = (tokens @ prototypes.T).abs()
+    top = sim.topk(2, dim=1)
+    coeff = torch.full_like(sim, float("-inf")).scatter(1, top.indices, top.values).softmax(1)
+    updates = torch.stack([(tokens @ a.T @ b.T) * p.scaling for (a, b), p in zip(pairs, parsed)], 1)  # (tokens, adapters, out)
+    expected = linear(x) + (coeff[:, :, None] * updates).sum(1).reshape(2, 5, 6)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    scoring = RoutedAdapters({(0, "proj"): target}, 3, 0, mask, scoring=True)
+    with torch.no_grad(), applied(runner, ParsedAdapter(0.0, 0.0, {}, {}, None, routing=scoring), 0):
+        scored = linear(x)
+    torch.testing.assert_close(scored, linear(x))  # scoring leaves the output alone
+    real = x[mask].double()
+    expected_scores = (real / real.norm(dim=-1, keepdim=True) @ prototypes.double().T).abs().sum(0)
+    torch.testing.assert_close(scoring.scores, expected_scores)
+    assert RoutedAdapters({}, 3, 0, None, scoring=True).scores.tolist() == [0.0, 0.0, 0.0]  # a span without targets
 
 
 # --- through the swarm ------------------------------------------------------------------------------------
