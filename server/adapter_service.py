@@ -81,13 +81,17 @@ class AdapterService:
 
     async def resolve(self, digest: str, start: int, end: int) -> ParsedAdapter:
         """The held adapter `digest` for blocks [start, end), fetched from peers first if this server lacks it."""
+        return (await self.held(digest, start, end)).parsed(start, end)
+
+    async def held(self, digest: str, start: int, end: int) -> HeldAdapter:
+        """The held adapter `digest`, covering blocks [start, end), fetched from peers first if this server lacks it."""
         check_hash(digest)
         held = self.store.get(digest)
         if held is None or not held.covers(start, end):
             held = await self._fetch_once(digest)
         if not held.covers(start, end):
             raise InvalidRequest(f"adapter {digest[:12]} is held here for blocks {held.start}:{held.end} only")
-        return held.parsed(start, end)
+        return held
 
     async def _fetch_once(self, digest: str) -> HeldAdapter:
         pending = self._fetching.get(digest)
@@ -102,7 +106,9 @@ class AdapterService:
         runner = self.runner()
         start, end = runner.start, runner.end
         loop = asyncio.get_running_loop()
-        found = await loop.run_in_executor(None, swarm_dht.fetch_records_at, self.dht, self.base, range(start, end))
+        # holders of any block: the manifest may come from any, and an adapter need not adapt these blocks at all
+        every_block = range(runner.config.num_hidden_layers)
+        found = await loop.run_in_executor(None, swarm_dht.fetch_records_at, self.dht, self.base, every_block)
         holders = {peer: record for records in found.values() for peer, record in records.items()
                    if digest in record.adapters and peer != self.peer_id}
         if not holders:
