@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import time
@@ -27,9 +26,8 @@ from swarm.errors import ConfigError, InvalidRequest, RemoteError
 from swarm.limits import STEP_TIMEOUT
 from swarm.model_source import cache_root
 from swarm.records import RecordSigner, ServerRecord, ServerState
-from swarm.transport import P2P, open_stream, raise_for_error, translate_errors
+from swarm.transport import P2P, call_stream, raise_for_error
 from swarm.wire import swarm_rpc_pb2 as pb
-from swarm.wire.frames import read_message, to_frames
 from swarm.wire.rpc import RPC_ADAPTER_STORE
 from swarm.client.event_loop import run_sync
 from swarm.client.swarm_client import SwarmClient
@@ -195,14 +193,6 @@ class AdapterRegistry:
 
 
 async def _store(p2p: P2P, peer: str, request: pb.AdapterStoreRequest) -> None:
-    async def frames():  # noqa: ANN202
-        for frame in to_frames(request):
-            yield frame
-
-    replies = await open_stream(p2p, peer, RPC_ADAPTER_STORE, frames(), STEP_TIMEOUT)
-    with translate_errors(peer, "adapter store"):
-        reply = await asyncio.wait_for(read_message(replies, pb.AdapterStoreResponse), STEP_TIMEOUT)
-    if reply is None:
-        raise RemoteError(peer, "closed the adapter store without a reply")
+    reply = await call_stream(p2p, peer, RPC_ADAPTER_STORE, request, pb.AdapterStoreResponse, STEP_TIMEOUT, STEP_TIMEOUT)
     if reply.HasField("error"):
         raise_for_error(peer, reply.error)

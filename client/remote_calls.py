@@ -8,10 +8,8 @@ that hop's blocks elsewhere from the inputs in the trace: the gradients are the 
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import random
-from collections.abc import AsyncIterator, Iterable
 from typing import Protocol, TypeVar
 
 import torch
@@ -19,10 +17,9 @@ from google.protobuf.message import Message
 
 from swarm.errors import InvalidRequest, PeerTimeout, RemoteError
 from swarm.limits import STEP_TIMEOUT
-from swarm.transport import open_stream, raise_for_error, translate_errors
+from swarm.transport import call_stream, raise_for_error
 from swarm.wire import swarm_rpc_pb2 as pb
 from swarm.wire.codecs import encode, encode_mask
-from swarm.wire.frames import read_message, to_frames
 from swarm.wire.rpc import RPC_BACKWARD, RPC_FORWARD
 from swarm.client.reply_checks import decode_named_replies, decode_reply
 from swarm.client.retry import BLAMABLE, Attempts, ServerFailure, TransportFailure, with_rerouting, with_transport_retry
@@ -246,20 +243,11 @@ async def _call(client: SwarmClient, hop: RouteHop, rpc: str, request: Message, 
 
 async def _call_once(client: SwarmClient, hop: RouteHop, rpc: str, request: Message, response_type: type[ResponseT]) -> ResponseT:
     try:
-        replies = await open_stream(client.p2p, hop.peer_id, rpc, _aiter(to_frames(request)), STEP_TIMEOUT)
-        with translate_errors(hop.peer_id, rpc):
-            reply = await asyncio.wait_for(read_message(replies, response_type), STEP_TIMEOUT)
+        reply = await call_stream(client.p2p, hop.peer_id, rpc, request, response_type, STEP_TIMEOUT, STEP_TIMEOUT)
     except RemoteError as e:
         if isinstance(e, PeerTimeout):
             raise
         raise TransportFailure(hop.peer_id, str(e)) from e
-    if reply is None:  # the stream ended before any byte of a reply: the connection dropped it (see TransportFailure)
-        raise TransportFailure(hop.peer_id, f"the {rpc} stream closed without a reply")
     if reply.HasField("error"):
         raise_for_error(hop.peer_id, reply.error)
     return reply
-
-
-async def _aiter(items: Iterable[pb.Frame]) -> AsyncIterator[pb.Frame]:
-    for item in items:
-        yield item

@@ -135,13 +135,7 @@ async def with_transport_retry(call: Callable[[], Awaitable[T]], policy: RetryPo
 
 
 class TransportFailure(RemoteError):
-    """The connection failed (as opposed to the server answering with an error).
-
-    This includes a stream that ends cleanly before any reply: under load hivemind's daemons
-    occasionally drop a reply that the server did compute and send (about 1 stream in 700 on a busy
-    2-core machine, seen in a stress run of tests/test_bad_input.py: the server's forward counter rose,
-    the client read end-of-stream with no bytes), so such a stream is retried like a broken one.
-    """
+    """The connection failed (as opposed to the server answering with an error)."""
 
 
 class ServerFailure(Exception):

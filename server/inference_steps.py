@@ -41,7 +41,8 @@ class InferenceStep:
     @property
     def merge_key(self) -> Hashable | None:
         """Steps with equal keys can share a forward; None: this step always runs alone."""
-        if self.adapter is not None and (not self.adapter.frozen or self.adapter.deep_prompts is not None):
+        adapter = self.adapter
+        if adapter is not None and (not adapter.frozen or adapter.deep_prompts is not None or adapter.routing is not None):
             return None
         return (self.runner, self.start, self.end, self.hidden.shape[1])
 

@@ -9,17 +9,16 @@ before decoding) and its hash in the manifest (after): a corrupted or forged sli
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 
 import torch
 
 from swarm.adapter_manifest import AdapterManifest, verify_slice
 from swarm.errors import InvalidRequest, RemoteError
 from swarm.limits import CONNECT_TIMEOUT
-from swarm.transport import P2P, open_stream, raise_for_error, translate_errors
+from swarm.transport import P2P, call_stream, raise_for_error
 from swarm.wire import swarm_rpc_pb2 as pb
 from swarm.wire.codecs import decode, encode
-from swarm.wire.frames import read_message, to_frames
 from swarm.wire.rpc import RPC_ADAPTER_FETCH
 
 FETCH_TIMEOUT = 60.0  # seconds for one slice from one peer
@@ -33,11 +32,6 @@ def slice_message(manifest: AdapterManifest, tensors: Mapping[str, torch.Tensor]
                            tensors=[pb.NamedTensor(name=n, tensor=encode(tensors[n], "none")) for n in names])
 
 
-async def _frames_of(message: pb.AdapterFetchRequest) -> AsyncIterator[pb.Frame]:
-    for frame in to_frames(message):
-        yield frame
-
-
 async def fetch_slice(p2p: P2P, peer: str, digest: str, start: int, end: int, manifest: AdapterManifest | None,
                       max_bytes: int) -> tuple[AdapterManifest, dict[str, torch.Tensor]]:
     """The manifest and the verified matrices of blocks [start, end) of adapter `digest` from `peer`.
@@ -46,14 +40,11 @@ async def fetch_slice(p2p: P2P, peer: str, digest: str, start: int, end: int, ma
     anything else is RemoteError naming the peer, and nothing is returned.
     """
     request = pb.AdapterFetchRequest(adapter_hash=digest, span=pb.Span(start=start, end=end))
-    replies = await open_stream(p2p, peer, RPC_ADAPTER_FETCH, _frames_of(request), CONNECT_TIMEOUT)
     try:
-        with translate_errors(peer, "adapter fetch"):
-            reply = await asyncio.wait_for(read_message(replies, pb.AdapterFetchResponse, max_bytes), FETCH_TIMEOUT)
+        reply = await call_stream(p2p, peer, RPC_ADAPTER_FETCH, request, pb.AdapterFetchResponse, CONNECT_TIMEOUT,
+                                  FETCH_TIMEOUT, max_bytes)
     except InvalidRequest as e:  # oversized or malformed: the peer's fault
         raise RemoteError(peer, f"sent a bad adapter slice: {e}") from None
-    if reply is None:
-        raise RemoteError(peer, "closed the adapter fetch without a reply")
     if reply.HasField("error"):
         raise_for_error(peer, reply.error)
     try:

@@ -100,8 +100,8 @@ async def _frames(items: list[pb.Frame | object]) -> AsyncIterator[pb.Frame]:
 def exchange(served: Served, rpc: str, items: list, response_type: type) -> list:
     """Send `items` on one stream of `rpc` and read every reply until the server closes it.
 
-    A stream that ends with no reply at all is sent once more, as the client does (TransportFailure in
-    client/retry.py): hivemind's daemons occasionally drop a reply the server did send.
+    A stream that ends with no reply at all is sent once more, as the client does (`call_stream` in
+    swarm/transport.py): hivemind's daemons now and then drop a reply the server did send.
     """
 
     async def go() -> list:
