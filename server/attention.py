@@ -5,7 +5,9 @@ over (batch x heads), nine tiny tasks for the default model, and waking a second
 them costs more than the attention itself. Measured on this 2-core machine (shared with other jobs):
 one query against 150 keys took 48 us on one thread and 129 us on two, and a whole 15-block decode
 step spent more time in attention than in its matrix products (py-spy: 29% of the first server's
-samples in attention, 35% in linear layers; after this change 2-3%). Outputs equal two threads'
+samples in attention, 35% in linear layers; after this change 2-3%; at a load average of 3 the
+server's CPU per token was the same either way: the second thread costs most when it waits for a
+core). Outputs equal two threads'
 up to float rounding (within 1e-4 on the default model's hidden states); the parity and batched-
 decoding tests, which compare tokens with local transformers, pass unchanged.
 
