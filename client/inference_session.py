@@ -63,6 +63,9 @@ class _Hop:
 
     def record(self, position: int, hidden_states: torch.Tensor) -> None:
         """Remember inputs sent at `position`, forgetting anything at or after it (a rollback)."""
+        if self.chunks and position == self.chunks[-1][0] + self.chunks[-1][1].shape[1]:
+            self.chunks.append((position, hidden_states))  # the usual decode step: nothing to forget
+            return
         kept = []
         for start, chunk in self.chunks:
             if start >= position:
@@ -89,6 +92,7 @@ class _Step:
     hops: list[_Hop] = dataclasses.field(default_factory=list)
     reorders: list[torch.Tensor | None] = dataclasses.field(default_factory=list)  # sent to each hop with it
     replies: list[asyncio.Future[pb.StepResult]] = dataclasses.field(default_factory=list)  # by hop
+    output: torch.Tensor | None = None  # the last hop's reply, once decoded and checked (not decoded again to settle)
 
 
 class InferenceSession:
@@ -259,6 +263,7 @@ class InferenceSession:
                 pass
             else:
                 self.client.bans.succeeded(hops[-1].peer_id)
+                step.output = output
                 return output
         output = await self._settle(wait=True, until=step)
         assert output is not None, "a pushed step is settled by the time its own settling returns"
@@ -283,7 +288,8 @@ class InferenceSession:
                 if hop not in self._hops:
                     raise RemoteError(hop.peer_id, "replaced after an earlier failure")
                 result = await hop.span.reply(step.replies[index])
-                output = hop.span.output_of(result, tuple(inputs.shape))
+                last = index + 1 == len(step.hops)
+                output = step.output if last and step.output is not None else hop.span.output_of(result, tuple(inputs.shape))
             except BLAMABLE:
                 return await self._relay(step, self._index_at(hop.span.start), inputs)
             self.client.bans.succeeded(hop.peer_id)

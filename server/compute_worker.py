@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -18,6 +19,7 @@ import torch
 
 from swarm.server.inference_steps import InferenceStep, run_steps
 from swarm.server.scheduler import FairScheduler, Task, TaskKind
+from swarm.server.step_gathering import StepGathering
 
 T = TypeVar("T")
 
@@ -43,6 +45,7 @@ class ComputeWorker:
         self.max_merged_tokens = max_merged_tokens
         self.merged_forwards = 0  # forwards that ran the steps of several sessions (reported by `info`)
         self.merged_steps = 0  # inference steps that ran in them
+        self._gathering = StepGathering()  # whose steps to wait for before a merged forward (step_gathering.py)
 
     def start(self) -> None:
         self._thread.start()
@@ -81,7 +84,21 @@ class ComputeWorker:
         with self._ready:
             while not self._stopping and not len(self._scheduler):
                 self._ready.wait()
+            if self.max_merged_steps > 1:
+                self._gather()
             return [] if self._stopping else self._scheduler.pop_batch(self.max_merged_steps, self.max_merged_tokens)
+
+    def _gather(self) -> None:
+        """Wait on `_ready` (its lock released meanwhile) while sessions that recently shared a forward are
+        still missing from the queue, within the time step_gathering.py allows; every queued step wakes it."""
+        wait = self._gathering.wait_for(self._scheduler.queued_sessions(), time.monotonic())
+        deadline = time.monotonic() + wait
+        while wait > 0 and not self._stopping:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._ready.wait(remaining)
+            wait = self._gathering.wait_for(self._scheduler.queued_sessions(), time.monotonic())
 
     def _run(self) -> None:
         while batch := self._next():
@@ -101,7 +118,11 @@ class ComputeWorker:
                 loop.call_soon_threadsafe(_set_result, future, result)
 
     def _run_steps(self, batch: list[Task]) -> None:
+        began = time.monotonic()
         results, merged = run_steps([task.payload[2] for task in batch])
+        if batch[0].merge_key is not None:
+            ended = time.monotonic()
+            self._gathering.ran(batch[0].merge_key, [task.session for task in batch], ended - began, ended)
         if merged:
             self.merged_forwards += 1
             self.merged_steps += len(batch)

@@ -139,5 +139,14 @@ class FairScheduler:
         self._virtual[name] += sum(task.cost for task in batch) / self._weights[name]
         return batch
 
+    def queued_sessions(self) -> dict[Hashable, set[Hashable]]:
+        """The sessions with a mergeable inference step queued, by merge key (for server/step_gathering.py)."""
+        queued: dict[Hashable, set[Hashable]] = {}
+        for queue in self._classes["inference"].queues.values():
+            for task in queue:
+                if task.merge_key is not None:
+                    queued.setdefault(task.merge_key, set()).add(task.session)
+        return queued
+
     def __len__(self) -> int:
         return sum(len(queues) for queues in self._classes.values())

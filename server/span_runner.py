@@ -17,6 +17,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from swarm.cache_argument import cache_argument
 from swarm.families import SLIDING_ATTENTION, ModelFamily
+from swarm.server.attention import use_decode_sdpa
 from swarm.server.kv_cache import kv_heads_and_head_dim
 
 _MASK_BUILDERS = {SLIDING_ATTENTION: create_sliding_window_causal_mask}
@@ -27,6 +28,7 @@ class SpanRunner(nn.Module):
 
     def __init__(self, config: PretrainedConfig, family: ModelFamily, start: int, layers: nn.ModuleList):
         super().__init__()
+        use_decode_sdpa(config)  # the layers share this config: decode steps attend on one thread (server/attention.py)
         self.config = config
         self.start = start
         self.end = start + len(layers)
