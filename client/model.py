@@ -107,6 +107,10 @@ class DistributedCausalLMMixin:
             return self._generate_in_session(session, inputs, *args, **kwargs)
         if inputs is None:
             raise InvalidRequest("generate() needs input ids outside an inference session")
+        with self.prompt_routed(inputs, kwargs.get("attention_mask")):  # the prompt router's choice, if one is set
+            return self._generate_new_session(inputs, *args, **kwargs)
+
+    def _generate_new_session(self, inputs: torch.Tensor, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         batch_size, prompt_length = inputs.shape
         max_length = kwargs.get("max_length") or prompt_length + (
             kwargs.get("max_new_tokens") or self.generation_config.max_new_tokens or self.generation_config.max_length
@@ -145,7 +149,8 @@ class DistributedCausalLMMixin:
                 session.prompts_sent(prefix)
         else:
             prefix = 0
-        with padded(attention_mask):  # the servers mask pads and number positions per row from it
+        routed = self.prompt_routed(input_ids, attention_mask, inputs_embeds) if session is None else contextlib.nullcontext()
+        with routed, padded(attention_mask):  # the servers mask pads and number positions per row from it
             output = super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                                      labels=labels, **kwargs)
         if prefix:

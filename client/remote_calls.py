@@ -115,10 +115,19 @@ async def forward_on_route(
     """Hidden states (batch, seq, hidden) through the given route, once, with no rerouting (spot checks)."""
     state = hidden_states
     for hop in route:
-        request = _forward_request(client, hop, state, adapter, 0, 0, padding_mask)
-        reply = await _call(client, hop, RPC_FORWARD, request, pb.ForwardResponse)
-        state = _checked(hop, reply.hidden_states, state.shape, "hidden states")
+        state, _ = await forward_hop(client, hop, state, adapter, padding_mask)
     return state
+
+
+async def forward_hop(
+    client: SwarmClient, hop: RouteHop, hidden_states: torch.Tensor, adapter: AdapterPayload | None,
+    padding_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, pb.ForwardResponse]:
+    """One hop of a plain forward: its output (batch, seq, hidden), checked, and the reply (for its other fields).
+    Failures raise ServerFailure, for `with_rerouting`."""
+    request = _forward_request(client, hop, hidden_states, adapter, 0, 0, padding_mask)
+    reply = await _call(client, hop, RPC_FORWARD, request, pb.ForwardResponse)
+    return _checked(hop, reply.hidden_states, hidden_states.shape, "hidden states"), reply
 
 
 async def backward_async(

@@ -8,6 +8,7 @@ tuning (`tuning_mode="ptune"` or `"deep_ptune"` at from_pretrained) adds trainab
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -16,11 +17,12 @@ import torch
 from peft import LoraConfig
 from torch import nn
 
-from swarm.errors import ConfigError
+from swarm.errors import ConfigError, InvalidRequest
 from swarm.families import family_of
 from swarm.adapter_manifest import build_manifest
 from swarm.adapter_records import AdapterVersion
 from swarm.client.adapter_registry import SPEC_PREFIX, AdapterRegistry, default_identity_path, load_signer
+from swarm.client.adapter_router import AdapterRouter
 from swarm.client.adapters import HeldLora, RemoteLora, RequestAdapter
 
 logger = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ class SwarmTuningMixin:
     swarm_adapters: nn.ModuleDict
     _active_adapter: str | None = None
     _adapters_enabled: bool = True
+    adapter_router: AdapterRouter | None = None  # set_adapter_router(): overrides the active adapter until cleared
 
     def setup_tuning(self, tuning_mode: str | None, pre_seq_len: int) -> None:
         """Called by from_pretrained: adapter storage, and prompts for prompt tuning."""
@@ -141,8 +144,55 @@ class SwarmTuningMixin:
     def enable_adapters(self) -> None:
         self._adapters_enabled = True
 
+    def set_adapter_router(self, names: list[str], method: str = "arrow", top_k: int = 1, *,
+                           prompt_blocks: int | None = None) -> None:
+        """Route every input among published adapters ("swarm:NAME[@VERSION]", 2..16 of one base model, rank
+        and set of target modules) until clear_adapter_router(): `method="arrow"`: the servers run peft's
+        Arrow for their blocks (per token and layer, the `top_k` best-aligned adapters mixed); `"prompt"`:
+        one adapter per forward()/generate() call, the one whose principal directions the prompt's inputs
+        to the first `prompt_blocks` blocks (default: half of them) align with best, then served alone.
+        See client/adapter_router.py."""
+        if self.deep_prompts is not None or self.pre_seq_len:
+            raise ConfigError("adapter routers cannot be combined with prompt tuning")
+        self.adapter_router = AdapterRouter.create(self.swarm_client, names, method, top_k, prompt_blocks)
+        logger.info("routing among %s (%s, top_k=%d)", ", ".join(names), method, top_k)
+
+    def clear_adapter_router(self) -> None:
+        """Back to the active adapter (or the base model)."""
+        self.adapter_router = None
+
+    def route_adapter(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
+                      inputs_embeds: torch.Tensor | None = None) -> str:
+        """The adapter the prompt router picks for these prompts (batch, seq), as named in set_adapter_router."""
+        router = self.adapter_router
+        if router is None or router.method != "prompt":
+            raise ConfigError('route_adapter() needs set_adapter_router(..., method="prompt") first')
+        return router.specs[self._prompt_choice(router, input_ids, attention_mask, inputs_embeds)]
+
+    def prompt_routed(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                      inputs_embeds: torch.Tensor | None = None) -> contextlib.AbstractContextManager:
+        """Inside: this thread's calls use the adapter the prompt router picks for these prompts (no-op
+        without a prompt router). forward() and generate() enter it before opening anything remote."""
+        router = self.adapter_router
+        if router is None or router.method != "prompt":
+            return contextlib.nullcontext()
+        return router.chosen(id(self), self._prompt_choice(router, input_ids, attention_mask, inputs_embeds))
+
+    def _prompt_choice(self, router: AdapterRouter, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                       inputs_embeds: torch.Tensor | None) -> int:
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise InvalidRequest("the prompt router needs input_ids or inputs_embeds")
+            with torch.no_grad():
+                inputs_embeds = self.get_input_embeddings()(input_ids)
+        mask = attention_mask.bool() if attention_mask is not None else None
+        return router.choose(self.swarm_client, inputs_embeds, mask)
+
     def request_adapter(self) -> RequestAdapter | None:
-        """What requests carry now: the active LoRA (if enabled) and deep prompts (if any)."""
+        """What requests carry now: the router's adapters (if set), else the active LoRA (if enabled); and
+        deep prompts (if any)."""
+        if self.adapter_router is not None:
+            return RequestAdapter(self.adapter_router.request_lora(id(self)), None)
         lora = self.swarm_adapters[self._active_adapter] if self.active_adapters() else None
         if lora is None and self.deep_prompts is None:
             return None

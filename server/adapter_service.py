@@ -81,13 +81,17 @@ class AdapterService:
 
     async def resolve(self, digest: str, start: int, end: int) -> ParsedAdapter:
         """The held adapter `digest` for blocks [start, end), fetched from peers first if this server lacks it."""
+        return (await self.held(digest, start, end)).parsed(start, end)
+
+    async def held(self, digest: str, start: int, end: int) -> HeldAdapter:
+        """The held adapter `digest`, covering blocks [start, end), fetched from peers first if this server lacks it."""
         check_hash(digest)
         held = self.store.get(digest)
         if held is None or not held.covers(start, end):
             held = await self._fetch_once(digest)
         if not held.covers(start, end):
             raise InvalidRequest(f"adapter {digest[:12]} is held here for blocks {held.start}:{held.end} only")
-        return held.parsed(start, end)
+        return held
 
     async def _fetch_once(self, digest: str) -> HeldAdapter:
         pending = self._fetching.get(digest)

@@ -14,9 +14,11 @@ import contextlib
 import dataclasses
 import math
 from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from swarm.errors import InvalidRequest
 from swarm.wire import swarm_rpc_pb2 as pb
@@ -24,6 +26,12 @@ from swarm.wire.codecs import decode
 from swarm.server.span_runner import SpanRunner
 
 MAX_PROMPT_LENGTH = 256  # deep prompt tokens per block
+
+
+class AdapterHooks(Protocol):
+    """Hooks that route among several held adapters (server/adapter_routing.py) instead of adding one."""
+
+    def install(self, runner: SpanRunner) -> list[RemovableHandle]: ...
 
 
 @dataclasses.dataclass
@@ -36,6 +44,7 @@ class ParsedAdapter:
     lora_names: dict[tuple[int, str, str], str]  # (block, path, "lora_A"/"lora_B") -> wire name
     deep_prompts: torch.Tensor | None
     frozen: bool = False  # an adapter held by the server (adapter_store.py): applied, never trained
+    routing: AdapterHooks | None = None  # several held adapters routed per token (then `lora` is empty): never merged
 
     def nbytes(self) -> int:
         return sum(tensor.numel() * tensor.element_size() for tensor in self.tensors())
@@ -137,6 +146,8 @@ def applied(runner: SpanRunner, adapter: ParsedAdapter | None, start: int, posit
         for offset in range(adapter.deep_prompts.shape[0]):
             layer = runner.layers[start + offset - runner.start]
             handles.append(layer.register_forward_pre_hook(_prompt_hook(adapter.deep_prompts[offset], position), with_kwargs=True))
+    if adapter.routing is not None:
+        handles += adapter.routing.install(runner)
     try:
         yield
     finally:

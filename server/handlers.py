@@ -24,6 +24,7 @@ from swarm.transport import P2P, call_unary
 from swarm.wire.rpc import RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, RPC_INFO, RPC_PUSH
 from swarm.wire.frames import MessageT, read_message, read_until_end, to_frames
 from swarm.wire.codecs import check_codec, decode, decode_mask, encode
+from swarm.server.adapter_routing import AdapterRouting, RoutedAdapters
 from swarm.server.adapter_service import AdapterService
 from swarm.server.adapters import MAX_PROMPT_LENGTH, ParsedAdapter, applied, parse_adapter
 from swarm.server.backprop import ActivationStore, backward, forward_for_backward
@@ -80,6 +81,7 @@ class SpanHandlers:
         self.activations = activations
         self.governor = governor
         self.adapters = adapters  # adapters held by this server, for requests that name one by hash
+        self.routing = AdapterRouting(adapters) if adapters is not None else None  # requests that name several
         self.idle_timeout = idle_timeout
         self.hidden_size = runner.config.hidden_size
         self._hidden_bytes = limits.max_tokens_per_request * self.hidden_size * WIDEST_WIRE_BYTES
@@ -127,8 +129,8 @@ class SpanHandlers:
         start, end = self._check_span(request.span, runner)
         response_codec = check_codec(request.response_codec)
         hidden = await self._check_hidden(request.hidden_states)
-        adapter = await self._adapter(request.adapter, runner, start, end)
         mask = decode_mask(request.attention_mask, hidden.shape[0], hidden.shape[1])
+        adapter = await self._adapter(request.adapter, runner, start, end, mask, scoring_allowed=not request.forward_id)
         peer, cost = _caller(context), _cost(hidden, start, end)
         if request.forward_id:
             compute = functools.partial(forward_for_backward, runner, hidden, start, end, adapter, request.dropout_seed, mask)
@@ -141,7 +143,10 @@ class SpanHandlers:
             compute = functools.partial(_run_frozen, runner, hidden, start, end, adapter, padding_mask=mask)
             output = await self.worker.submit(TaskKind.FORWARD, peer, cost, compute)
         self.served.forwards += 1
-        return pb.ForwardResponse(hidden_states=await _off_loop_if_large(output.numel(), encode, output, response_codec))
+        response = pb.ForwardResponse(hidden_states=await _off_loop_if_large(output.numel(), encode, output, response_codec))
+        if adapter is not None and isinstance(adapter.routing, RoutedAdapters) and adapter.routing.scores is not None:
+            response.adapter_scores.extend(adapter.routing.scores.tolist())
+        return response
 
     async def rpc_backward(self, frames: AsyncIterator[pb.Frame], context: object) -> AsyncIterator[pb.Frame]:
         """Gradients of a span's inputs and of the caller's adapter, from its kept forward or a recompute."""
@@ -372,8 +377,14 @@ class SpanHandlers:
             raise InvalidRequest(if_empty)
         return request
 
-    async def _adapter(self, message: pb.Adapter, runner: SpanRunner, start: int, end: int) -> ParsedAdapter | None:
-        """The request's adapter: one held here named by hash (fetched from peers if missing), or the caller's own."""
+    async def _adapter(self, message: pb.Adapter, runner: SpanRunner, start: int, end: int,
+                       padding_mask: torch.Tensor | None = None, scoring_allowed: bool = False) -> ParsedAdapter | None:
+        """The request's adapter: one held here named by hash (fetched from peers if missing), several held
+        ones to route among (adapter_routing.py), or the caller's own."""
+        if message.arrow_hashes or message.arrow_score:
+            if self.routing is None:
+                raise InvalidRequest("this server holds no adapters")
+            return await self.routing.parse(message, start, end, padding_mask, scoring_allowed)
         if not message.adapter_hash:
             return parse_adapter(message, runner, start, end, self.limits.max_lora_rank)
         if message.lora or message.HasField("deep_prompts"):

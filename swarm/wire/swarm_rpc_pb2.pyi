@@ -126,7 +126,7 @@ class NamedTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Adapter(_message.Message):
-    __slots__ = ("lora_rank", "lora_alpha", "lora_dropout", "use_rslora", "lora", "deep_prompts", "adapter_hash")
+    __slots__ = ("lora_rank", "lora_alpha", "lora_dropout", "use_rslora", "lora", "deep_prompts", "adapter_hash", "arrow_hashes", "arrow_top_k", "arrow_score")
     LORA_RANK_FIELD_NUMBER: _ClassVar[int]
     LORA_ALPHA_FIELD_NUMBER: _ClassVar[int]
     LORA_DROPOUT_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +134,9 @@ class Adapter(_message.Message):
     LORA_FIELD_NUMBER: _ClassVar[int]
     DEEP_PROMPTS_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_HASH_FIELD_NUMBER: _ClassVar[int]
+    ARROW_HASHES_FIELD_NUMBER: _ClassVar[int]
+    ARROW_TOP_K_FIELD_NUMBER: _ClassVar[int]
+    ARROW_SCORE_FIELD_NUMBER: _ClassVar[int]
     lora_rank: int
     lora_alpha: float
     lora_dropout: float
@@ -141,7 +144,10 @@ class Adapter(_message.Message):
     lora: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     deep_prompts: Tensor
     adapter_hash: str
-    def __init__(self, lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., use_rslora: _Optional[bool] = ..., lora: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., deep_prompts: _Optional[_Union[Tensor, _Mapping]] = ..., adapter_hash: _Optional[str] = ...) -> None: ...
+    arrow_hashes: _containers.RepeatedScalarFieldContainer[str]
+    arrow_top_k: int
+    arrow_score: bool
+    def __init__(self, lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., use_rslora: _Optional[bool] = ..., lora: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., deep_prompts: _Optional[_Union[Tensor, _Mapping]] = ..., adapter_hash: _Optional[str] = ..., arrow_hashes: _Optional[_Iterable[str]] = ..., arrow_top_k: _Optional[int] = ..., arrow_score: _Optional[bool] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("span", "hidden_states", "response_codec", "adapter", "forward_id", "dropout_seed", "attention_mask")
@@ -194,12 +200,14 @@ class BackwardResponse(_message.Message):
     def __init__(self, grad_inputs: _Optional[_Union[Tensor, _Mapping]] = ..., lora_grads: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., deep_prompt_grads: _Optional[_Union[Tensor, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("hidden_states", "error")
+    __slots__ = ("hidden_states", "error", "adapter_scores")
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_SCORES_FIELD_NUMBER: _ClassVar[int]
     hidden_states: Tensor
     error: Error
-    def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    adapter_scores: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., adapter_scores: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class InferenceRequest(_message.Message):
     __slots__ = ("open", "step", "grant")
