@@ -70,6 +70,7 @@ from swarm.wire.codecs import DEFAULT_CODEC  # noqa: E402
 logger = logging.getLogger("swarm.bench")
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+ROUTERS = ("arrow", "prompt")
 
 
 @dataclass
@@ -132,6 +133,43 @@ def evaluate(model, tokenizer, task: Task, examples: list[Example], batch: int, 
     score.seconds = time.perf_counter() - began
     score.replies = [replies[i] for i in range(len(examples))]
     return score
+
+
+def combine(parts: list[tuple[list[int], Score]], size: int) -> Score:
+    """One Score from Scores of disjoint subsets (indices into the same `size` examples)."""
+    whole, replies = Score(), [""] * size
+    for indices, part in parts:
+        whole.exact += part.exact
+        whole.choice += part.choice
+        whole.total += part.total
+        whole.seconds += part.seconds
+        for index, reply in zip(indices, part.replies):
+            replies[index] = reply
+    whole.replies = replies
+    return whole
+
+
+def evaluate_prompt_router(model, tokenizer, task: Task, examples: list[Example], specs: list[str], batch: int,  # noqa: ANN001
+                           progress: tqdm | None = None) -> tuple[Score, list[str]]:
+    """The prompt router's choice for each prompt on its own (`route_adapter`, one scoring pass per
+    prompt: for a batch it would make one choice for all rows), then each group of prompts answered in
+    batches by the specialist chosen for it: what generate() does with the router set, one prompt per
+    call, batched. Returns the score and the adapter chosen for each example."""
+    began = time.perf_counter()
+    model.set_adapter_router(specs, method="prompt")
+    try:
+        choices = [model.route_adapter(torch.tensor([prompt_ids(tokenizer, task, example.text)])) for example in examples]
+    finally:
+        model.clear_adapter_router()
+    routing_seconds = time.perf_counter() - began
+    parts = []
+    for spec in sorted(set(choices)):
+        indices = [i for i, choice in enumerate(choices) if choice == spec]
+        model.set_adapter(spec.removeprefix("swarm:"))  # the specialists are loaded under their task names
+        parts.append((indices, evaluate(model, tokenizer, task, [examples[i] for i in indices], batch, progress)))
+    score = combine(parts, len(examples))
+    score.seconds += routing_seconds
+    return score, choices
 
 
 def train_specialist(model, tokenizer, task: Task, train: list[Example], args: argparse.Namespace) -> list[float]:  # noqa: ANN001
@@ -216,7 +254,7 @@ def main() -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or alias (default: %(default)s)")
     parser.add_argument("--train-size", type=int, default=240,
                         help="training examples per task, balanced over its labels (default: %(default)s)")
-    parser.add_argument("--held-out", type=int, default=100,
+    parser.add_argument("--held-out", type=int, default=60,
                         help="held-out examples per task, balanced over its labels (default: %(default)s)")
     parser.add_argument("--max-chars", type=int, default=DEFAULT_MAX_CHARS,
                         help="characters of each text kept in the prompt; prompt length drives the run time (default: %(default)s)")
@@ -224,13 +262,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="training examples per step (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default: %(default)s)")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank, the same for all three (default: %(default)s)")
-    parser.add_argument("--eval-batch", type=int, default=16, help="prompts per generate() call when scoring (default: %(default)s)")
+    parser.add_argument("--eval-batch", type=int, default=32, help="prompts per generate() call when scoring (default: %(default)s)")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS,
                         help="merge methods to measure (default: all of them)")
     parser.add_argument("--merge-weight", type=float, default=1.0,
                         help="the weight of each specialist in every merge: 1 keeps each task vector whole (default: %(default)s)")
     parser.add_argument("--density", type=float, default=0.5,
                         help="fraction of values kept by ties, dare_ties and dare_linear (default: %(default)s)")
+    parser.add_argument("--routers", nargs="*", default=list(ROUTERS), choices=ROUTERS,
+                        help="routers among the three specialists to measure (default: all of them)")
+    parser.add_argument("--top-k", type=int, default=1, help="adapters Arrow mixes per token and layer (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads here and per server (default: %(default)s)")
     parser.add_argument("--wire-codec", default=DEFAULT_CODEC, help="how hidden states travel (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="data splits, training order, dare's random drops (default: %(default)s)")
@@ -254,6 +295,7 @@ def main() -> None:
     training: dict[str, dict] = {}
     accuracy: dict[str, dict[str, Score]] = {}
     merges: dict[str, dict] = {}
+    routed: dict[str, float] = {}  # per task, how often the prompt router picked that task's specialist
 
     swarm = LocalSwarm()
     try:
@@ -279,7 +321,7 @@ def main() -> None:
 
         # the fourth client: scores every row, merges the specialists
         model = AutoDistributedModelForCausalLM.from_pretrained(checkpoint, **remote)
-        rows = 1 + len(tasks) + len(args.methods)
+        rows = 1 + len(tasks) + len(args.methods) + len(args.routers)
         progress = tqdm(total=rows * sum(len(data[name][1]) for name in tasks), desc="scoring held-out texts", unit="text")
 
         def score_row(row: str) -> None:
@@ -307,6 +349,20 @@ def main() -> None:
                                   "how": done.version.method, "rank": registry.manifest(done.version.hash).rank}
                 model.load_adapter(f"swarm:merge-{method}", adapter_name=f"merge-{method}")
                 score_row(f"merge {method}")
+            specs = [f"swarm:{name}" for name in tasks]
+            for method in args.routers:
+                if method == "prompt":
+                    progress.set_description("scoring router prompt")
+                    accuracy["router prompt"] = {}
+                    for name in tasks:
+                        score, choices = evaluate_prompt_router(model, tokenizer, TASKS[name], data[name][1], specs,
+                                                                args.eval_batch, progress)
+                        accuracy["router prompt"][name] = score
+                        routed[name] = sum(choice == f"swarm:{name}" for choice in choices) / len(choices)
+                else:
+                    model.set_adapter_router(specs, method=method, top_k=args.top_k)
+                    score_row(f"router {method}")
+                    model.clear_adapter_router()
             progress.close()
         finally:
             model.swarm_client.shutdown()
@@ -318,11 +374,11 @@ def main() -> None:
             key.unlink()
         keys.rmdir()
 
-    report(args, tasks, data, training, accuracy, merges, fetch, time.perf_counter() - began)
+    report(args, tasks, data, training, accuracy, merges, routed, fetch, time.perf_counter() - began)
 
 
 def report(args: argparse.Namespace, tasks: list[str], data: dict, training: dict, accuracy: dict[str, dict[str, Score]],
-           merges: dict, fetch: dict, seconds: float) -> None:
+           merges: dict, routed: dict[str, float], fetch: dict, seconds: float) -> None:
     """Print the tables and write the JSON."""
     width = 16
     print(f"\nHeld-out accuracy: greedy reply exactly the label (label ranked first); {args.held_out} texts per task, "
@@ -349,6 +405,21 @@ def report(args: argparse.Namespace, tasks: list[str], data: dict, training: dic
         verdict = "met" if min(kept[best].values()) >= 0.9 else "not met"
         print(f"best merge: {best}, keeps {min(kept[best].values()):.0%} on its worst task: target {verdict}")
 
+    router_rows = [row for row in accuracy if row.startswith("router")]
+    against_oracle = {row: retention(accuracy, row, tasks) for row in router_rows}
+    oracle_mean = statistics.mean(s.exact / s.total for s in oracle.values())
+    for row in router_rows:
+        against_oracle[row]["mean"] = statistics.mean(s.exact / s.total for s in accuracy[row].values()) / oracle_mean
+    if router_rows:
+        print("\nRouters against the oracle (target: >= 95%, on the mean over tasks)")
+        print(f"{'router':<22}" + "".join(f"{name:>{width}}" for name in [*tasks, "mean"]) + "  verdict")
+        for row, ratios in against_oracle.items():
+            verdict = "met" if ratios["mean"] >= 0.95 else "not met"
+            print(f"{row:<22}" + "".join(f"{r:>{width}.0%}" for r in ratios.values()) + f"  {verdict}")
+        if routed:
+            print("prompt router picked the task's own specialist for " +
+                  ", ".join(f"{routed[name]:.0%} of {name}" for name in tasks) + " texts")
+
     print("\nSpecialists (trained through the swarm, published by name)")
     print(f"{'task':<12}{'train':>7}{'steps':>7}{'loss first':>12}{'loss last 5':>13}{'seconds':>9}  version, hash")
     for name in tasks:
@@ -372,7 +443,8 @@ def report(args: argparse.Namespace, tasks: list[str], data: dict, training: dic
                         "labels": list(TASKS[name].labels)} for name in tasks},
         "training": training,
         "accuracy": {row: {name: score.as_dict() for name, score in scores.items()} for row, scores in table.items()},
-        "merges": merges, "merge_retention": kept, "fetch": fetch,
+        "merges": merges, "merge_retention": kept, "router_against_oracle": against_oracle,
+        "prompt_router_picked_own_specialist": routed, "fetch": fetch,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2))

@@ -37,7 +37,7 @@ from pathlib import Path
 logger = logging.getLogger("swarm.bench.task_data")
 
 MAX_ARCHIVE_BYTES = 64 << 20  # the largest of the three is 20 MB
-DEFAULT_MAX_CHARS = 160  # characters of text per example: short prompts keep a 2-core CPU run in minutes
+DEFAULT_MAX_CHARS = 120  # characters of text per example: short prompts keep a 2-core CPU run in minutes
 
 
 @dataclass(frozen=True)
