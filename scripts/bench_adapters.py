@@ -13,16 +13,19 @@ On a local swarm of the default model (a DHT and two servers):
   2. a fourth client merges the three with every peft method (`add_weighted_adapter`, as
      `swarm-adapter merge` does) and publishes each merge;
   3. every row below answers the held-out texts of every task by greedy generation through the
-     swarm, using adapters by name (no weights on the client);
+     swarm, using adapters by name (no weights on the client), and the routers route among the
+     three published specialists (`model.set_adapter_router`);
   4. a server that joins late fetches a specialist's slices from the holders (time and bytes).
 
 Rows of the accuracy table (fraction of held-out texts whose greedy reply is exactly the label;
 in parentheses the label the model ranks first among the task's labels, from the first reply token):
   base model        the model without adapters, prompted with the task
   <task> specialist the adapter trained on that task, on every task
-  oracle            each task answered by its own specialist (the best a router can do)
+  oracle            each task answered by its own specialist (a router that always picks right)
   merge <method>    the three specialists merged into one adapter with that method
-  router <method>   each input routed among the three specialists (`model.set_adapter_router`)
+  router arrow      peft's Arrow on the servers among the three, per token and layer (top_k 1)
+  router prompt     one specialist per prompt, chosen by the prompt router (`model.route_adapter`,
+                    each prompt routed alone), then the prompts answered in batches per choice
 Targets (issue 12): the best merge keeps >= 90% of each specialist's accuracy on its own task; the
 routers reach >= 95% of the oracle. For throughput with many adapters in one batch, see
 scripts/bench_throughput.py --adapters; this script does not repeat it.
@@ -31,7 +34,8 @@ Defaults are sized for a 2-core CPU (about 20-30 minutes); scale up with --train
 --held-out, --max-chars. Prints tables and writes JSON.
 
     python scripts/bench_adapters.py
-    python scripts/bench_adapters.py --steps 80 --train-size 600 --held-out 300 --output bench-results/adapters-big.json
+    python scripts/bench_adapters.py --held-out 300 --steps 60 --max-chars 200 --output bench-results/adapters-big.json
+    python scripts/bench_adapters.py --methods ties cat --routers prompt     # a subset of the rows
 """
 
 from __future__ import annotations
