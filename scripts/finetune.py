@@ -45,12 +45,13 @@ def chat_ids(tokenizer, question: str) -> list[int]:  # noqa: ANN001
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
 
 
-def make_batch(tokenizer, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # noqa: ANN001
-    """Right-padded input ids, attention mask, and labels that are -100 everywhere but the answers."""
+def make_batch(tokenizer, pairs: list[tuple[list[int], str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # noqa: ANN001
+    """Right-padded input ids, attention mask, and labels that are -100 everywhere but the answers.
+
+    `pairs` are (prompt token ids, answer text); the answer is followed by the end of the turn."""
     sequences, label_rows = [], []
-    for row in rows:
-        prompt = chat_ids(tokenizer, row["question"])
-        answer = tokenizer(row["answer"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    for prompt, reply in pairs:
+        answer = tokenizer(reply + "<|im_end|>", add_special_tokens=False)["input_ids"]
         sequences.append(prompt + answer)
         label_rows.append([-100] * len(prompt) + answer)
     width = max(map(len, sequences))
@@ -108,7 +109,8 @@ def main() -> None:
         rng = random.Random(0)
         progress = tqdm(range(args.steps), desc="training through the swarm")
         for step in progress:
-            ids, mask, labels = make_batch(tokenizer, rng.sample(train, args.batch))
+            ids, mask, labels = make_batch(tokenizer, [(chat_ids(tokenizer, row["question"]), row["answer"])
+                                                     for row in rng.sample(train, args.batch)])
             optimizer.zero_grad()
             loss = model(ids, attention_mask=mask, labels=labels).loss
             loss.backward()
