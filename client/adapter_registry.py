@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 REPLICAS = 2  # holders per block a publish aims for
 MAX_PULL_BYTES = 1 << 30  # the largest adapter a client pulls
+PUBLISH_LISTING_TIMEOUT = 30.0  # seconds a publish waits for the DHT to list what it stored
 SPEC_PREFIX = "swarm:"
 
 
@@ -151,8 +152,24 @@ class AdapterRegistry:
         else:
             signed = record.with_version(digest, parents, method, provenance, time.time()).sign(signer)
         holders = self._place(manifest, tensors, signed)
+        self._await_listed(name, digest, holders)
         logger.info("published %s version %d (%s) on %d servers", name, signed.latest().version, digest[:12], len(holders))
         return Publication(signed, signed.latest(), holders)
+
+    def _await_listed(self, name: str, digest: str, holders: dict[str, tuple[int, int]]) -> None:
+        """Wait (bounded) until the DHT shows `name` at `digest` and the servers that stored it as holders:
+        they announce it a moment after storing, and a `load_adapter("swarm:NAME")` right after a publish
+        must find it. Past the bound the adapter is stored all the same; a warning says it is not listed yet."""
+        deadline = time.monotonic() + PUBLISH_LISTING_TIMEOUT
+        while True:
+            record = self.record(name)
+            if record is not None and record.latest().hash == digest and holders.keys() <= self.holders(digest).keys():
+                return
+            if time.monotonic() > deadline:
+                logger.warning("%s (%s) is stored on %d servers but the DHT does not list it yet after %.0f s",
+                               name, digest[:12], len(holders), PUBLISH_LISTING_TIMEOUT)
+                return
+            time.sleep(0.25)
 
     def _place(self, manifest: AdapterManifest, tensors: dict[str, torch.Tensor], record: AdapterName) -> dict[str, tuple[int, int]]:
         blocks = run_sync(self.client.fetch_blocks())

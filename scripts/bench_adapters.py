@@ -63,7 +63,6 @@ from finetune import make_batch  # noqa: E402 (scripts/finetune.py, beside this 
 from task_data import DEFAULT_MAX_CHARS, TASKS, Example, Task, load_task  # noqa: E402
 from swarm import AutoDistributedModelForCausalLM  # noqa: E402
 from swarm.cli.logs import configure_logging  # noqa: E402
-from swarm.errors import ConfigError  # noqa: E402
 from swarm.client.adapter_merge import DENSITY_METHODS, METHODS, merge_published  # noqa: E402
 from swarm.client.adapter_registry import AdapterRegistry, load_signer  # noqa: E402
 from swarm.client.local_processes import LocalSwarm  # noqa: E402
@@ -199,22 +198,6 @@ def train_specialist(model, tokenizer, task: Task, train: list[Example], args: a
     return losses
 
 
-def wait_until_served(registry: AdapterRegistry, name: str, digest: str, num_blocks: int, timeout: float = 60.0) -> None:
-    """Return once the DHT shows `name` at `digest` and holders of every block: a publish returns when the
-    servers have stored the slices, and their records list them a moment later."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            spans = [(r.start, r.end) for r in registry.holders(digest).values()]
-            if registry.resolve(name)[1].hash == digest and all(any(a <= b < e for a, e in spans) for b in range(num_blocks)):
-                return
-        except ConfigError:  # the name record is not in the DHT yet
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{name} ({digest[:12]}) was published but the DHT does not show it held after {timeout:.0f} s")
-        time.sleep(0.5)
-
-
 def fetch_cost(swarm: LocalSwarm, checkpoint: Path, args: argparse.Namespace, name: str, tokenizer, task: Task,  # noqa: ANN001
                text: str) -> dict:
     """A server that joins now holds no adapter: time its first request with `name` (fetching the
@@ -316,7 +299,6 @@ def main() -> None:
                 provenance = (f"scripts/bench_adapters.py: {data[name][2]}; {args.steps} steps of {args.batch}, AdamW lr "
                               f"{args.lr}, LoRA rank {args.rank} on {','.join(TARGET_MODULES)}, loss on the label tokens")
                 version = client.publish_adapter(name, provenance=provenance, identity_path=keys / f"{name}.key")
-                wait_until_served(AdapterRegistry(client.swarm_client), name, version.hash, config.num_hidden_layers)
             finally:
                 client.swarm_client.shutdown()
             training[name] = {"seconds": seconds, "losses": losses, "version": version.version, "hash": version.hash,
@@ -348,7 +330,6 @@ def main() -> None:
                 done = merge_published(registry, tasks, [args.merge_weight] * len(tasks), method, density, f"merge-{method}",
                                        signer, config, layer_prefix)
                 seconds = time.perf_counter() - started  # pull the three, merge, publish
-                wait_until_served(registry, f"merge-{method}", done.version.hash, config.num_hidden_layers)
                 merges[method] = {"seconds": seconds, "hash": done.version.hash,
                                   "how": done.version.method, "rank": registry.manifest(done.version.hash).rank}
                 model.load_adapter(f"swarm:merge-{method}", adapter_name=f"merge-{method}")
